@@ -1,0 +1,217 @@
+"""Learner group: N Ray actors, each one DeepSpeed ZeRO rank (gloo on CPU, NCCL on GPU).
+
+Each rank holds the policy (and, when kl_coef > 0, a frozen reference), receives its share of every mini-batch,
+accumulates gradients over micro-batches and takes one optimizer step per mini-batch. Losses are normalised by
+batch-global token/sequence counts, so the update does not depend on how the batch is split (see
+rl.algorithms.policy_loss); DeepSpeed averages gradients over ranks, which the loss undoes by a factor world_size.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from rl.algorithms import policy_loss
+from rl.batch import pad_pairs, pad_values, response_logprobs, to_device
+from rl.config import AlgorithmConfig, LearnerConfig
+from rl.models import load_policy, load_tokenizer
+
+
+def deepspeed_config(cfg: LearnerConfig, world_size: int, dtype: str) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    optimizer_params = {"lr": cfg.lr, "betas": list(cfg.adam_betas), "weight_decay": cfg.weight_decay}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}  # DeepSpeedCPUAdam (JIT-built on first use)
+    else:
+        optimizer_params["torch_adam"] = True  # no JIT build on CPU, same math as fused Adam
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,  # accumulation is driven by set_gradient_accumulation_boundary
+        "train_batch_size": cfg.micro_batch_size * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.warmup_steps:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+                                                          "warmup_num_steps": cfg.warmup_steps,
+                                                          "warmup_type": "linear"}}
+    return _deep_merge(ds, cfg.deepspeed)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def split_even(items: list, parts: int) -> list[list]:
+    """Split into `parts` contiguous chunks whose sizes differ by at most one (some may be empty)."""
+    q, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + q + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+class LearnerRank:
+    def __init__(self, rank: int, world_size: int, model_path: str, learner: dict, algorithm: dict,
+                 dtype: str, temperature: float, seed: int, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.rank, self.world_size = rank, world_size
+        self.cfg, self.algo = LearnerConfig(**learner), AlgorithmConfig(**algorithm)
+        self.model_path, self.dtype, self.temperature, self.seed = model_path, dtype, temperature, seed
+
+    def address(self) -> tuple[str, int]:
+        """Rank 0's reachable address and a free port for the rendezvous."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the process group and build the DeepSpeed engine (collective: call on all ranks together)."""
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        import deepspeed
+
+        use_cuda = torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+        torch.manual_seed(self.seed)
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        self.tokenizer = load_tokenizer(self.model_path)
+        model = load_policy(self.model_path, self.dtype)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(self.cfg, self.world_size, self.dtype))
+        self.ref = None
+        if self.algo.kl_coef > 0:
+            self.ref = load_policy(self.model_path, self.dtype, self.device).eval().requires_grad_(False)
+        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}
+
+    def ping(self) -> dict:
+        import ray
+
+        return {"rank": self.rank, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _micro(self, seqs: list[dict]) -> dict:
+        batch = pad_pairs([s["prompt_ids"] for s in seqs], [s["response_ids"] for s in seqs],
+                          self.tokenizer.pad_token_id)
+        width = batch["response_mask"].shape[1]
+        batch["old_logprobs"] = pad_values([s["old_logprobs"] for s in seqs], width)
+        batch["advantages"] = torch.tensor([s["advantage"] for s in seqs], dtype=torch.float32)
+        return to_device(batch, self.device)
+
+    def train(self, shard: list[dict], plan: dict) -> dict:
+        """One rollout batch: `num_iterations` passes x `mini_batches` optimizer steps.
+
+        shard: this rank's sequences, each {prompt_ids, response_ids, old_logprobs, advantage, mini_batch}.
+        plan: per mini-batch global counts {num_tokens[], num_seqs[], num_micro[]} and max_len.
+        """
+        self.engine.train()
+        on_policy = self.algo.num_iterations == 1 and self.algo.mini_batches == 1
+        if self.ref is not None:
+            self._attach_ref_logprobs(shard)
+        totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0,
+                  "grad_norm": 0.0, "optimizer_steps": 0}
+        for _ in range(self.algo.num_iterations):
+            for mb in range(self.algo.mini_batches):
+                seqs = [s for s in shard if s["mini_batch"] == mb]
+                chunks = split_even(seqs, plan["num_micro"][mb])
+                for i, chunk in enumerate(chunks):
+                    # Ranks must run the same number of forward/backward passes (ZeRO collectives), so an
+                    # empty chunk still runs: on a stand-in sequence whose loss is multiplied by zero.
+                    weight = 1.0 if chunk else 0.0
+                    batch = self._micro(chunk or shard[:1])
+                    self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+                    logprobs = response_logprobs(self.engine, batch, self.temperature)
+                    old = logprobs.detach() if on_policy else batch["old_logprobs"]
+                    ref = batch.get("ref_logprobs")
+                    loss, stats = policy_loss(
+                        logprobs, old, batch["advantages"], batch["response_mask"],
+                        clip_low=self.algo.clip_low, clip_high=self.algo.clip_high, loss_agg=self.algo.loss_agg,
+                        num_tokens=plan["num_tokens"][mb], num_seqs=plan["num_seqs"][mb], max_len=plan["max_len"],
+                        ref_logprobs=ref, kl_coef=self.algo.kl_coef)
+                    self.engine.backward(loss * weight * self.world_size)
+                    totals["loss"] += float(loss) * weight
+                    for k in ("clipped_tokens", "kl_sum", "ratio_sum", "tokens"):
+                        totals[k] += float(stats[k]) * weight
+                self.engine.step()
+                norm = self.engine.get_global_grad_norm()
+                totals["grad_norm"] += float(norm) if norm is not None else 0.0
+                totals["optimizer_steps"] += 1
+        totals["lr"] = float(self.engine.get_lr()[0])
+        return totals
+
+    @torch.no_grad()
+    def _attach_ref_logprobs(self, shard: list[dict]) -> None:
+        for seq in shard:
+            batch = self._micro([seq])
+            lp = response_logprobs(self.ref, batch, self.temperature)[0, :len(seq["response_ids"])]
+            seq["ref_logprobs"] = lp.tolist()
+
+    @torch.no_grad()
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Policy log-probs of given responses (used by tests and diagnostics)."""
+        self.engine.eval()
+        batch = to_device(pad_pairs(prompt_ids, response_ids, self.tokenizer.pad_token_id), self.device)
+        lp = response_logprobs(self.engine, batch, self.temperature).cpu()
+        return [lp[i, :len(r)].tolist() for i, r in enumerate(response_ids)]
+
+    # ------------------------------------------------------------------------------------- weights, checkpoints
+    def _full_params(self):
+        """Context yielding (name, full tensor) pairs; under ZeRO-3 the shards are gathered first."""
+        import contextlib
+
+        import deepspeed
+
+        params = list(self.engine.module.named_parameters())  # deduplicates tied weights
+        if self.cfg.zero_stage == 3:
+            ctx = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+        else:
+            ctx = contextlib.nullcontext()
+        return ctx, params
+
+    def get_weights(self) -> dict[str, np.ndarray] | None:
+        """Numpy state dict on rank 0 (numpy travels through Ray's object store zero-copy; torch would pickle)."""
+        ctx, params = self._full_params()
+        with ctx:
+            if self.rank != 0:
+                return None
+            return {n: p.detach().to("cpu", torch.float32).numpy().copy() if p.is_cuda or p.dtype != torch.float32
+                    else p.detach().numpy() for n, p in params}
+
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed state (all ranks) and an HF-format model folder (rank 0) under `path`."""
+        self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state")
+        ctx, params = self._full_params()
+        with ctx:
+            if self.rank == 0:
+                state = {n: p.detach().cpu().clone() for n, p in params}
+                self.engine.module.save_pretrained(os.path.join(path, "model"), state_dict=state)
+                self.tokenizer.save_pretrained(os.path.join(path, "model"))
+
+    def load_checkpoint(self, path: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
+        if load_path is None:
+            raise RuntimeError(f"no DeepSpeed state under {path}")

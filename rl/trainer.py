@@ -1,0 +1,175 @@
+"""The driver loop: sample prompts -> rollout G samples each -> rewards -> advantages -> learner update -> weight
+sync -> log -> checkpoint. Everything distributed sits behind rl.cluster; everything numerical in rl.algorithms.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from rl import checkpoint
+from rl.algorithms import grpo_advantages, zero_advantage_groups
+from rl.cluster import LearnerGroup, RewardGroup, RolloutGroup, init_ray
+from rl.config import Config, dump_config
+from rl.data import PromptSampler, filter_long_prompts, load_rows, render_prompt
+from rl.metrics import MetricsLogger, plot_curves
+from rl.models import load_tokenizer, resolve_model
+from rl.rollout import SamplingParams
+
+log = logging.getLogger("reasonrl")
+
+
+def prepare_prompts(cfg: Config, tokenizer, source: str, split: str) -> tuple[list[dict], dict]:
+    """Rows with their rendered prompt under `prompt`; stats count what was skipped and why."""
+    d = cfg.data
+    rows, stats = load_rows(source, split, d.problem_key, d.answer_key, arith=d.arith.model_dump())
+    prompts = [render_prompt(tokenizer, r["problem"], d.system_prompt, d.prompt_suffix) for r in rows]
+    rows, prompts, too_long = filter_long_prompts(rows, prompts, tokenizer, d.max_prompt_tokens)
+    for row, prompt in zip(rows, prompts):
+        row["prompt"] = prompt
+    return rows, dict(stats, skipped_too_long=too_long, rows=len(rows))
+
+
+def reward_columns(rows: list[dict], rollout: dict, group_size: int) -> dict[str, list]:
+    """Dataset columns repeated per sample (TRL's reward contract), plus the sampled token ids and counts."""
+    skip = {"prompt", "problem"}
+    columns = {k: [r[k] for r in rows for _ in range(group_size)] for k in rows[0] if k not in skip}
+    columns["completion_ids"] = rollout["response_ids"]
+    columns["completion_tokens"] = [len(r) for r in rollout["response_ids"]]
+    return columns
+
+
+def score(rewards: RewardGroup, cfg: Config, rows: list[dict], rollout: dict, group_size: int):
+    """Weighted total reward per sample, accuracy per sample, and the raw per-function result."""
+    prompts = [r["prompt"] for r in rows for _ in range(group_size)]
+    result = rewards.score(prompts, rollout["text"], reward_columns(rows, rollout, group_size))
+    weights = {f.fn: f.weight for f in cfg.reward.functions}
+    total = [sum(weights[name] * result["scores"][name][i] for name in weights) for i in range(len(prompts))]
+    correct = [float(s > 0.5) for s in result["scores"][cfg.reward.accuracy]]
+    return total, correct, result
+
+
+def evaluate(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, rows: list[dict], step: int) -> dict:
+    """Held-out accuracy: one response per problem (greedy by default), scored by the training verifier."""
+    params = SamplingParams(n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, greedy=cfg.trainer.eval_greedy,
+                            batch_size=cfg.rollout.generate_batch_size)
+    out = rollouts.generate([r["prompt"] for r in rows], params, seed=cfg.trainer.seed + 7919 * (step + 1))
+    _, correct, _ = score(rewards, cfg, rows, out, 1)
+    tokens = [len(r) for r in out["response_ids"]]
+    return {"step": step, "accuracy": sum(correct) / len(correct), "n": len(correct),
+            "response_tokens_mean": sum(tokens) / len(tokens)}
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    out_dir = Path(cfg.trainer.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(cfg))
+    model_path = resolve_model(cfg.model.path, cfg.model.cache_dir)
+    tokenizer = load_tokenizer(model_path)
+
+    train_rows, train_stats = prepare_prompts(cfg, tokenizer, cfg.data.train, cfg.data.train_split)
+    eval_source = cfg.data.eval or ("arith" if cfg.data.train == "arith" else None)
+    eval_split = "test" if cfg.data.eval is None else cfg.data.eval_split
+    eval_rows = []
+    if eval_source and cfg.data.eval_size:
+        eval_rows = prepare_prompts(cfg, tokenizer, eval_source, eval_split)[0][:cfg.data.eval_size]
+    sampler = PromptSampler(train_rows, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
+    log.info("train rows %s", train_stats)
+
+    init_ray(cfg)
+    rollouts, rewards, learner = RolloutGroup(cfg, model_path), RewardGroup(cfg), LearnerGroup(cfg, model_path)
+    start_step = 0
+    last_ckpt = checkpoint.latest(out_dir) if resume else None
+    if resume and last_ckpt is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
+    if last_ckpt is not None:
+        state = checkpoint.load_state(last_ckpt)
+        learner.load(str(last_ckpt))
+        sampler.load_state_dict(state["sampler"])
+        start_step = state["step"]
+        rollouts.load_weights(learner.weights(), start_step)
+        log.info("resumed from %s at step %d", last_ckpt, start_step)
+
+    metrics = MetricsLogger(str(out_dir), tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                            total_steps=cfg.trainer.max_steps, start_step=start_step)
+    metrics.log_event("actors", {"step": start_step, "rollout": rollouts.nodes(), "reward": rewards.nodes(),
+                                 "learner": learner.nodes()})
+    summary = {"start_step": start_step}
+    if eval_rows and cfg.trainer.eval_at_start and start_step == 0:
+        summary["eval_start"] = result = evaluate(cfg, rollouts, rewards, eval_rows, 0)
+        metrics.log_event("eval", result)
+        print(f"held-out accuracy at start: {result['accuracy']:.3f} (n={result['n']})", flush=True)
+
+    G, P = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    params = SamplingParams(n=G, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            batch_size=cfg.rollout.generate_batch_size)
+    saved_step = start_step
+    for step in range(start_step + 1, cfg.trainer.max_steps + 1):
+        t0 = time.perf_counter()
+        rows = sampler.next_batch(P)
+        rollout = rollouts.generate([r["prompt"] for r in rows], params, seed=cfg.trainer.seed * 100003 + step)
+        t1 = time.perf_counter()
+        total, correct, reward_result = score(rewards, cfg, rows, rollout, G)
+        advantages = grpo_advantages(torch.tensor(total), G, scale_by_std=cfg.algorithm.scale_by_std)
+        t2 = time.perf_counter()
+        sequences = [{"prompt_ids": p, "response_ids": r, "old_logprobs": lp, "advantage": float(a)}
+                     for p, r, lp, a in zip(rollout["prompt_ids"], rollout["response_ids"], rollout["logprobs"],
+                                            advantages)]
+        stats = learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens)
+        t3 = time.perf_counter()
+        rollouts.load_weights(learner.weights(), step)
+        t4 = time.perf_counter()
+
+        tokens = [len(r) for r in rollout["response_ids"]]
+        row = {
+            "loss": stats["loss"], "reward": sum(total) / len(total), "accuracy": sum(correct) / len(correct),
+            "response_tokens_mean": sum(tokens) / len(tokens), "response_tokens_max": max(tokens),
+            "truncation_rate": rollout["finish_reason"].count("length") / len(tokens),
+            "entropy": sum(rollout["entropy_sum"]) / max(1, sum(tokens)),
+            "kl": stats["kl_sum"] / max(1.0, stats["tokens"]),
+            "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
+            "zero_adv_groups": float(zero_advantage_groups(advantages, G).float().mean()),
+            "grad_norm": stats["grad_norm"], "lr": stats["lr"],
+            "reward_failures": sum(reward_result["failures"].values()),
+            "reward_timeouts": sum(reward_result["timeouts"].values()),
+            "time_generate": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2, "time_sync": t4 - t3,
+        }
+        for name, vals in reward_result["scores"].items():
+            row[f"reward/{name}"] = sum(vals) / len(vals)
+        if reward_result["errors"]:
+            metrics.log_event("reward_failures", {"step": step, "errors": reward_result["errors"][:5]})
+        if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
+            metrics.log_event("sample", {"step": step, "prompt": rows[0]["prompt"], "completion": rollout["text"][0],
+                                         "reward": total[0]})
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+            row["time_checkpoint"] = save(cfg, learner, sampler, step)
+            saved_step = step
+        row["time_step"] = time.perf_counter() - t0
+        metrics.log(step, row)
+
+    if saved_step != cfg.trainer.max_steps and cfg.trainer.max_steps > start_step:
+        save(cfg, learner, sampler, cfg.trainer.max_steps)
+    final = checkpoint.latest(out_dir)
+    if final is not None:
+        checkpoint.link_final(out_dir, final)
+    if eval_rows and cfg.trainer.eval_at_end:
+        summary["eval_end"] = result = evaluate(cfg, rollouts, rewards, eval_rows, cfg.trainer.max_steps)
+        metrics.log_event("eval", result)
+        print(f"held-out accuracy at end: {result['accuracy']:.3f} (n={result['n']})", flush=True)
+    metrics.close()
+    if cfg.logging.plots:
+        plot_curves(str(out_dir / "metrics.jsonl"), str(out_dir))
+    return summary
+
+
+def save(cfg: Config, learner: LearnerGroup, sampler: PromptSampler, step: int) -> float:
+    t = time.perf_counter()
+    tmp = checkpoint.begin(cfg.trainer.output_dir, step)
+    learner.save(str(tmp))
+    checkpoint.commit(tmp, step, {"sampler": sampler.state_dict(), "seed": cfg.trainer.seed},
+                      keep=cfg.trainer.keep_checkpoints)
+    return time.perf_counter() - t
