@@ -89,3 +89,44 @@ def math_verify(prompts, completions, answer, **kwargs) -> list[float]:
 def boxed_format(prompts, completions, **kwargs) -> list[float]:
     """1.0 if the completion ends its answer in a balanced, non-empty ``\\boxed{...}``, else 0.0."""
     return [1.0 if (b := last_boxed(_text(c))) is not None and b.strip() else 0.0 for c in completions]
+
+
+def _literal(text: str) -> str:
+    """Spacing, `$`, a trailing period and thousands separators are presentation, not content."""
+    text = text.strip().strip("$").strip().rstrip(".").strip()
+    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", re.sub(r"\s+", "", text))
+
+
+@register("exact_match")
+def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 if the last \\boxed{} holds the gold answer itself, compared as a literal.
+
+    For tasks whose answers are plain values (arith, GSM8K): math_verify simplifies expressions, so a policy that
+    boxes the question (`\\boxed{11 + 11}`) would score as correct there.
+    """
+    out = []
+    for completion, gold in zip(completions, answer):
+        pred = last_boxed(_text(completion))
+        out.append(float(pred is not None and gold is not None and _literal(pred) == _literal(str(gold)) != ""))
+    return out
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@register("last_number")
+def last_number(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 if the last number written anywhere in the completion equals a numeric gold answer.
+
+    Partial credit for a policy that computes the right value but has not learned the requested format yet:
+    rewarding the format alone lets a weak model collapse onto `\\boxed{<any number>}`.
+    """
+    out = []
+    for completion, gold in zip(completions, answer):
+        numbers = _NUMBER.findall(_text(completion))
+        try:
+            ok = bool(numbers) and float(numbers[-1].replace(",", "")) == float(str(gold).replace(",", ""))
+        except ValueError:  # a non-numeric gold answer: this reward does not apply
+            ok = False
+        out.append(float(ok))
+    return out

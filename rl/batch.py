@@ -48,5 +48,16 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float 
     return token_logprobs(logits, batch["response_tokens"], temperature)
 
 
+def split_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous [start, end) ranges over n items whose sizes differ by at most one (some may be empty)."""
+    q, r = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + q + (1 if i < r else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import ray
 
+from rewards.isolation import RewardResult
+from rl.batch import split_bounds
 from rl.config import Config
 from rl.learner import LearnerRank
 from rl.reward_worker import RewardWorker
@@ -59,7 +61,7 @@ class RolloutGroup:
 
     def generate(self, prompts: list[str], params: SamplingParams, seed: int) -> dict:
         """Prompts are split over workers in contiguous chunks; groups stay whole and in order."""
-        chunks = [c for c in _split(prompts, len(self.workers))]
+        chunks = [prompts[a:b] for a, b in split_bounds(len(prompts), len(self.workers))]
         futures = [w.generate.remote(c, params, seed * 1000 + i) for i, (w, c) in enumerate(zip(self.workers, chunks))
                    if c]
         return _concat(ray.get(futures))
@@ -77,20 +79,20 @@ class RewardGroup:
         actor = ray.remote(RewardWorker).options(num_cpus=0)
         self.workers = [actor.remote(functions, cfg.reward.timeout_seconds) for _ in range(cfg.reward.num_workers)]
 
-    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> dict:
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardResult:
         n = len(completions)
-        bounds = _bounds(n, len(self.workers))
+        bounds = split_bounds(n, len(self.workers))
         futures = [w.score.remote(prompts[a:b], completions[a:b], {k: v[a:b] for k, v in columns.items()})
                    for w, (a, b) in zip(self.workers, bounds) if b > a]
-        parts = ray.get(futures)
-        merged = {"scores": {}, "failures": {}, "timeouts": {}, "seconds": {}, "errors": []}
-        for part in parts:
+        merged = RewardResult()
+        for part in ray.get(futures):
             for name, vals in part["scores"].items():
-                merged["scores"].setdefault(name, []).extend(vals)
-            for key in ("failures", "timeouts", "seconds"):
+                merged.scores.setdefault(name, []).extend(vals)
+            for key in ("failures", "timeouts", "nones", "seconds"):
+                totals = getattr(merged, key)
                 for name, v in part[key].items():
-                    merged[key][name] = merged[key].get(name, 0) + v
-            merged["errors"].extend(part["errors"])
+                    totals[name] = totals.get(name, 0) + v
+            merged.errors.extend(part["errors"])
         return merged
 
     def nodes(self) -> list[dict]:
@@ -113,11 +115,11 @@ class LearnerGroup:
         n_ranks = len(self.ranks)
         plan = {"num_tokens": [], "num_seqs": [], "num_micro": [], "max_len": max_len}
         shards: list[list[dict]] = [[] for _ in range(n_ranks)]
-        for mb, (a, b) in enumerate(_bounds(len(sequences), mini_batches)):
+        for mb, (a, b) in enumerate(split_bounds(len(sequences), mini_batches)):
             part = sequences[a:b]
             plan["num_tokens"].append(max(1, sum(len(s["response_ids"]) for s in part)))
             plan["num_seqs"].append(len(part))
-            per_rank = [part[x:y] for x, y in _bounds(len(part), n_ranks)]
+            per_rank = [part[x:y] for x, y in split_bounds(len(part), n_ranks)]
             plan["num_micro"].append(max(1, max(math.ceil(len(p) / self.micro_batch_size) for p in per_rank)))
             for r, p in enumerate(per_rank):
                 shards[r].extend(dict(s, mini_batch=mb) for s in p)
@@ -147,18 +149,10 @@ class LearnerGroup:
         return ray.get([r.ping.remote() for r in self.ranks])
 
 
-def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    q, r = divmod(n, parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + q + (1 if i < r else 0)
-        out.append((start, end))
-        start = end
-    return out
-
-
-def _split(items: list, parts: int) -> list[list]:
-    return [items[a:b] for a, b in _bounds(len(items), parts)]
+def shutdown(*groups) -> None:
+    for group in groups:
+        for actor in getattr(group, "workers", []) + getattr(group, "ranks", []):
+            ray.kill(actor, no_restart=True)
 
 
 def _concat(parts: list[dict]) -> dict:

@@ -35,8 +35,8 @@ class ModelConfig(Section):
 
 
 class ArithConfig(Section):
-    difficulty: int = Field(1, ge=1, le=5, description="1: a+b / a-b with 2-digit numbers; higher adds digits, "
-                            "multiplication and more operands.")
+    difficulty: int = Field(1, ge=0, le=5, description="0: a+b with a, b in 1..30 (900 problems); 1: a+b / a-b "
+                            "with 2-digit numbers; higher adds digits, multiplication and more operands.")
     num_train: int = Field(2000, ge=1, description="Generated training problems.")
     num_test: int = Field(200, ge=1, description="Generated held-out problems (disjoint from train).")
     seed: int = Field(0, description="Generator seed: the same seed always yields the same problems.")
@@ -95,6 +95,9 @@ class RewardConfig(Section):
         names = [f.fn for f in self.functions]
         if not self.functions:
             raise ValueError("functions: at least one reward function is required")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # scores are reported per spec string, so each may appear once
+            raise ValueError(f"functions: {twice} listed more than once")
         if self.accuracy not in names:
             raise ValueError(f"accuracy: {self.accuracy!r} must be one of the listed functions {names}")
         return self

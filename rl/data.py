@@ -21,10 +21,12 @@ class DataError(ValueError):
 
 D2, D3, D4 = (10, 99), (100, 999), (1000, 9999)  # 2-, 3- and 4-digit operands
 SMALL = (2, 12)  # small multiplication factor
+TINY_ADD = (1, 30)  # level 0: sums a 135M model can already do sometimes
 
 # difficulty -> templates; a template is (format string, operand ranges). Each template has a fixed
 # operator pattern, so a problem text identifies its template and operands.
 ARITH_TEMPLATES: dict[int, list[tuple[str, list[tuple[int, int]]]]] = {
+    0: [("{} + {}", [TINY_ADD, TINY_ADD])],
     1: [("{} + {}", [D2, D2]), ("{} - {}", [D2, D2])],
     2: [("{} + {}", [D2, D2]), ("{} - {}", [D2, D2]), ("{} * {}", [SMALL, D2]),
         ("{} + {}", [D3, D3]), ("{} - {}", [D3, D3])],

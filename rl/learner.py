@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rl.algorithms import policy_loss
-from rl.batch import pad_pairs, pad_values, response_logprobs, to_device
+from rl.batch import pad_pairs, pad_values, response_logprobs, split_bounds, to_device
 from rl.config import AlgorithmConfig, LearnerConfig
 from rl.models import load_policy, load_tokenizer
 
@@ -53,17 +53,6 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def split_even(items: list, parts: int) -> list[list]:
-    """Split into `parts` contiguous chunks whose sizes differ by at most one (some may be empty)."""
-    q, r = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + q + (1 if i < r else 0)
-        out.append(items[start:end])
-        start = end
     return out
 
 
@@ -137,7 +126,7 @@ class LearnerRank:
         for _ in range(self.algo.num_iterations):
             for mb in range(self.algo.mini_batches):
                 seqs = [s for s in shard if s["mini_batch"] == mb]
-                chunks = split_even(seqs, plan["num_micro"][mb])
+                chunks = [seqs[a:b] for a, b in split_bounds(len(seqs), plan["num_micro"][mb])]
                 for i, chunk in enumerate(chunks):
                     # Ranks must run the same number of forward/backward passes (ZeRO collectives), so an
                     # empty chunk still runs: on a stand-in sequence whose loss is multiplied by zero.
@@ -153,7 +142,7 @@ class LearnerRank:
                         num_tokens=plan["num_tokens"][mb], num_seqs=plan["num_seqs"][mb], max_len=plan["max_len"],
                         ref_logprobs=ref, kl_coef=self.algo.kl_coef)
                     self.engine.backward(loss * weight * self.world_size)
-                    totals["loss"] += float(loss) * weight
+                    totals["loss"] += float(loss.detach()) * weight
                     for k in ("clipped_tokens", "kl_sum", "ratio_sum", "tokens"):
                         totals[k] += float(stats[k]) * weight
                 self.engine.step()
@@ -198,8 +187,11 @@ class LearnerRank:
         with ctx:
             if self.rank != 0:
                 return None
-            return {n: p.detach().to("cpu", torch.float32).numpy().copy() if p.is_cuda or p.dtype != torch.float32
-                    else p.detach().numpy() for n, p in params}
+            # A view is enough for resident fp32 CPU weights (Ray copies the return value into the object store);
+            # gathered ZeRO-3 storage is freed when the context exits, and GPU/half weights need a conversion.
+            view_ok = self.cfg.zero_stage != 3 and not params[0][1].is_cuda and params[0][1].dtype == torch.float32
+            return {n: p.detach().numpy() if view_ok else p.detach().to("cpu", torch.float32).numpy().copy()
+                    for n, p in params}
 
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed state (all ranks) and an HF-format model folder (rank 0) under `path`."""

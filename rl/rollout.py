@@ -7,6 +7,7 @@ of each step, and why the response ended (`stop`: EOS generated, `length`: budge
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,11 @@ class RolloutWorker:
     @torch.no_grad()
     def load_weights(self, state: dict[str, np.ndarray], version: int) -> int:
         """Load a learner state dict sent as numpy arrays (read zero-copy from Ray's object store)."""
-        # The arrays are read-only views of shared memory; load_state_dict copies, so wrapping them is safe.
-        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+        # The arrays are read-only views of shared memory; load_state_dict copies, so wrapping them is safe
+        # (torch warns about non-writable arrays regardless).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         tied = {k for k in missing if k.endswith("lm_head.weight")} if self.model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
@@ -69,16 +73,7 @@ class RolloutWorker:
     def _generate_chunk(self, prompts: list[str], params: SamplingParams, out: dict) -> None:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        gen_kwargs = dict(do_sample=False) if params.greedy else dict(
-            do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-        # An explicit config so a checkpoint's generation_config.json (repetition penalty, top_k=50...) cannot
-        # silently change what is sampled.
-        from transformers import GenerationConfig
-
-        gc = GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                              output_logits=True, return_dict_in_generate=True, **gen_kwargs)
-        res = self.model.generate(**enc, generation_config=gc)
+        res = self.model.generate(**enc, generation_config=generation_config(params, tok))
         prompt_len = enc["input_ids"].shape[1]
         new_tokens = res.sequences[:, prompt_len:]
         temperature = 1.0 if params.greedy else params.temperature
@@ -103,6 +98,23 @@ class RolloutWorker:
             out["entropy_sum"].append(float(ent[i, :n].sum()))
             out["finish_reason"].append("stop" if stop else "length")
             out["text"].append(tok.decode(row[:n], skip_special_tokens=True))
+
+
+def generation_config(params: SamplingParams, tok):
+    """Every field that shapes the sampling distribution, set explicitly.
+
+    transformers fills fields left at None from the checkpoint's generation_config.json and then from global
+    defaults (top_k=50!), which would sample from a truncated distribution while the log-probs describe the full
+    one. top_k=0 and repetition_penalty=1.0 switch those processors off.
+    """
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=False) if params.greedy else dict(
+        do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    return GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, repetition_penalty=1.0,
+                            no_repeat_ngram_size=0, typical_p=1.0, min_p=None, output_logits=True,
+                            return_dict_in_generate=True, **sampling)
 
 
 def _node_id() -> str | None:

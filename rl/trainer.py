@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from rewards.isolation import weighted_total
 from rl import checkpoint
 from rl.algorithms import grpo_advantages, zero_advantage_groups
-from rl.cluster import LearnerGroup, RewardGroup, RolloutGroup, init_ray
+from rl.cluster import LearnerGroup, RewardGroup, RolloutGroup, init_ray, shutdown
 from rl.config import Config, dump_config
 from rl.data import PromptSampler, filter_long_prompts, load_rows, render_prompt
 from rl.metrics import MetricsLogger, plot_curves
@@ -45,17 +46,40 @@ def score(rewards: RewardGroup, cfg: Config, rows: list[dict], rollout: dict, gr
     """Weighted total reward per sample, accuracy per sample, and the raw per-function result."""
     prompts = [r["prompt"] for r in rows for _ in range(group_size)]
     result = rewards.score(prompts, rollout["text"], reward_columns(rows, rollout, group_size))
-    weights = {f.fn: f.weight for f in cfg.reward.functions}
-    total = [sum(weights[name] * result["scores"][name][i] for name in weights) for i in range(len(prompts))]
-    correct = [float(s > 0.5) for s in result["scores"][cfg.reward.accuracy]]
+    total = weighted_total(result, {f.fn: f.weight for f in cfg.reward.functions})
+    correct = [float(s > 0.5) for s in result.scores[cfg.reward.accuracy]]
     return total, correct, result
+
+
+def sampling_params(cfg: Config, n: int, greedy: bool = False) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(n=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                          top_k=r.top_k, greedy=greedy, batch_size=r.generate_batch_size)
+
+
+def step_metrics(rollout: dict, total: list[float], correct: list[float], advantages: torch.Tensor, stats: dict,
+                 reward_result, group_size: int) -> dict:
+    tokens = [len(r) for r in rollout["response_ids"]]
+    row = {
+        "loss": stats["loss"], "reward": sum(total) / len(total), "accuracy": sum(correct) / len(correct),
+        "response_tokens_mean": sum(tokens) / len(tokens), "response_tokens_max": max(tokens),
+        "truncation_rate": rollout["finish_reason"].count("length") / len(tokens),
+        "entropy": sum(rollout["entropy_sum"]) / max(1, sum(tokens)),  # mean full-vocabulary entropy per token
+        "kl": stats["kl_sum"] / max(1.0, stats["tokens"]),
+        "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
+        "zero_adv_groups": float(zero_advantage_groups(advantages, group_size).float().mean()),
+        "grad_norm": stats["grad_norm"], "lr": stats["lr"],
+        "reward_failures": sum(reward_result.failures.values()),
+        "reward_timeouts": sum(reward_result.timeouts.values()),
+    }
+    for name, vals in reward_result.scores.items():
+        row[f"reward/{name}"] = sum(vals) / len(vals)
+    return row
 
 
 def evaluate(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, rows: list[dict], step: int) -> dict:
     """Held-out accuracy: one response per problem (greedy by default), scored by the training verifier."""
-    params = SamplingParams(n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, greedy=cfg.trainer.eval_greedy,
-                            batch_size=cfg.rollout.generate_batch_size)
+    params = sampling_params(cfg, n=1, greedy=cfg.trainer.eval_greedy)
     out = rollouts.generate([r["prompt"] for r in rows], params, seed=cfg.trainer.seed + 7919 * (step + 1))
     _, correct, _ = score(rewards, cfg, rows, out, 1)
     tokens = [len(r) for r in out["response_ids"]]
@@ -79,12 +103,22 @@ def train(cfg: Config, resume: bool = False) -> dict:
     sampler = PromptSampler(train_rows, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
     log.info("train rows %s", train_stats)
 
-    init_ray(cfg)
-    rollouts, rewards, learner = RolloutGroup(cfg, model_path), RewardGroup(cfg), LearnerGroup(cfg, model_path)
-    start_step = 0
     last_ckpt = checkpoint.latest(out_dir) if resume else None
-    if resume and last_ckpt is None:
+    if resume and last_ckpt is None:  # checked before any actor starts
         raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
+
+    init_ray(cfg)
+    groups = RolloutGroup(cfg, model_path), RewardGroup(cfg), LearnerGroup(cfg, model_path)
+    try:
+        return run_loop(cfg, *groups, sampler, eval_rows, last_ckpt)
+    finally:
+        shutdown(*groups)
+
+
+def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner: LearnerGroup,
+             sampler: PromptSampler, eval_rows: list[dict], last_ckpt: Path | None) -> dict:
+    out_dir = Path(cfg.trainer.output_dir)
+    start_step = 0
     if last_ckpt is not None:
         state = checkpoint.load_state(last_ckpt)
         learner.load(str(last_ckpt))
@@ -104,9 +138,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         print(f"held-out accuracy at start: {result['accuracy']:.3f} (n={result['n']})", flush=True)
 
     G, P = cfg.rollout.group_size, cfg.rollout.prompts_per_step
-    params = SamplingParams(n=G, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                            batch_size=cfg.rollout.generate_batch_size)
+    params = sampling_params(cfg, n=G)
     saved_step = start_step
     for step in range(start_step + 1, cfg.trainer.max_steps + 1):
         t0 = time.perf_counter()
@@ -124,24 +156,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         rollouts.load_weights(learner.weights(), step)
         t4 = time.perf_counter()
 
-        tokens = [len(r) for r in rollout["response_ids"]]
-        row = {
-            "loss": stats["loss"], "reward": sum(total) / len(total), "accuracy": sum(correct) / len(correct),
-            "response_tokens_mean": sum(tokens) / len(tokens), "response_tokens_max": max(tokens),
-            "truncation_rate": rollout["finish_reason"].count("length") / len(tokens),
-            "entropy": sum(rollout["entropy_sum"]) / max(1, sum(tokens)),
-            "kl": stats["kl_sum"] / max(1.0, stats["tokens"]),
-            "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
-            "zero_adv_groups": float(zero_advantage_groups(advantages, G).float().mean()),
-            "grad_norm": stats["grad_norm"], "lr": stats["lr"],
-            "reward_failures": sum(reward_result["failures"].values()),
-            "reward_timeouts": sum(reward_result["timeouts"].values()),
-            "time_generate": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2, "time_sync": t4 - t3,
-        }
-        for name, vals in reward_result["scores"].items():
-            row[f"reward/{name}"] = sum(vals) / len(vals)
-        if reward_result["errors"]:
-            metrics.log_event("reward_failures", {"step": step, "errors": reward_result["errors"][:5]})
+        row = step_metrics(rollout, total, correct, advantages, stats, reward_result, G)
+        row.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_sync=t4 - t3)
+        if reward_result.errors:
+            metrics.log_event("reward_failures", {"step": step, "errors": reward_result.errors[:5]})
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
             metrics.log_event("sample", {"step": step, "prompt": rows[0]["prompt"], "completion": rollout["text"][0],
                                          "reward": total[0]})

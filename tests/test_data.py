@@ -40,7 +40,7 @@ def test_arith_deterministic_per_seed():
     assert a["test"][0]["id"] == "arith-test-0"
 
 
-@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("difficulty", [0, 1, 2, 3, 4, 5])
 def test_arith_disjoint_and_correct(difficulty):
     data = generate_arith(difficulty, 400, 100, seed=3)
     train = [r["problem"] for r in data["train"]]
@@ -56,7 +56,7 @@ def test_arith_disjoint_and_correct(difficulty):
         numbers = [int(x) for x in re.findall(r"\d+", expr)]
         if difficulty == 1:
             assert re.fullmatch(r"\d+ [+-] \d+", expr) and all(10 <= x <= 99 for x in numbers)
-    expected_ops = {1: {1}, 2: {1}, 3: {2}, 4: {1, 2}, 5: {3}}[difficulty]
+    expected_ops = {0: {1}, 1: {1}, 2: {1}, 3: {2}, 4: {1, 2}, 5: {3}}[difficulty]
     assert n_ops == expected_ops
 
 

@@ -120,7 +120,7 @@ def test_resolve_file_path(tmp_path, monkeypatch):
 
 
 def test_resolve_errors(tmp_path):
-    with pytest.raises(RewardSpecError, match=r"unknown reward 'nope'.*boxed_format, math_verify"):
+    with pytest.raises(RewardSpecError, match=r"unknown reward 'nope'.*boxed_format, exact_match, last_number, math_verify"):
         resolve("nope")
     with pytest.raises(RewardSpecError, match="cannot import module 'no_such_module_xyz'"):
         resolve("no_such_module_xyz:fn")
@@ -136,3 +136,24 @@ def test_resolve_errors(tmp_path):
         resolve("")
     assert issubclass(RewardSpecError, ValueError)
     assert rewards.resolve("rewards.math:last_boxed") is last_boxed
+
+
+def test_exact_match_requires_the_value_itself():
+    from rewards.math import exact_match, math_verify
+
+    completions = ["11 + 11 = \\boxed{22}", "\\boxed{ 22. }", "\\boxed{11 + 11}", "\\boxed{23}", "22", "\\boxed{$22$}",
+                   "\\boxed{1,234}"]
+    gold = ["22", "22", "22", "22", "22", "22", "1234"]
+    assert exact_match(None, completions, answer=gold) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    # The reason it exists: math_verify evaluates the boxed expression, so copying the question scores.
+    assert math_verify(None, ["\\boxed{11 + 11}"], answer=["22"]) == [1.0]
+    assert exact_match(None, ["\\boxed{}"], answer=[""]) == [0.0]
+
+
+def test_last_number_gives_credit_for_the_value_in_any_format():
+    from rewards.math import last_number
+
+    completions = ["21 + 22 = 43", "The answer is \\boxed{43}.", "43 is it, or maybe 44", "no number", "-5", "1,234.0"]
+    gold = ["43", "43", "43", "43", "-5", "1234"]
+    assert last_number(None, completions, answer=gold) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert last_number(None, ["x = 2"], answer=["\\frac{1}{2}"]) == [0.0]  # non-numeric gold: no credit

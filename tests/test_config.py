@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.cli import main
+from rl.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_configs_validate():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        cfg = load_config(path)
+        assert cfg.trainer.output_dir == f"runs/{path.stem}"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["trainer.max_steps=30", "rollout.temperature=0.8",
+                                                   "learner.deepspeed={zero_optimization: {overlap_comm: true}}"])
+    assert cfg.trainer.max_steps == 30 and cfg.rollout.temperature == 0.8
+    assert cfg.learner.deepspeed == {"zero_optimization": {"overlap_comm": True}}
+    assert Config().rollout.temperature == 1.0  # defaults untouched
+
+
+@pytest.mark.parametrize("override, key, hint", [
+    ("rollout.temprature=0.8", "rollout.temprature", "did you mean 'temperature'"),
+    ("learner.zero_stage=1", "learner.zero_stage", "0, 2 or 3"),
+    ("rollout.group_size=many", "rollout.group_size", "integer"),
+    ("reward.accuracy=nope", "reward.accuracy", "must be one of"),
+    ("algorithm.mini_batches=3", "algorithm.mini_batches", "must divide"),
+    ("trainer.max_steps.x=1", "trainer.max_steps", "not a section"),
+    ("nosuchsection.a=1", "nosuchsection", "unknown key"),
+])
+def test_bad_keys_name_the_dotted_path(override, key, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/tiny.yaml", [override])
+    assert f"'{key}'" in str(err.value) and hint in str(err.value)
+
+
+def test_yaml_typo_is_reported(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"rollout": {"group_sise": 4}}))
+    with pytest.raises(ConfigError, match=r"'rollout.group_sise'.*group_size"):
+        load_config(bad)
+
+
+def test_cli_rejects_bad_config_before_starting_ray(capsys):
+    import ray
+
+    assert main(["train", str(ROOT / "configs/tiny.yaml"), "rollout.temprature=0.8"]) == 2
+    assert "rollout.temprature" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert main(["train", "does/not/exist.yaml"]) == 2

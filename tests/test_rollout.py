@@ -1,0 +1,77 @@
+"""Rollout worker in-process on the tiny model: what it returns, and that it describes what was sampled."""
+import numpy as np
+import pytest
+import torch
+
+from rl.batch import pad_pairs, response_logprobs
+from rl.models import resolve_model
+from rl.rollout import RolloutWorker, SamplingParams
+
+PROMPTS = ["<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n", "Count: one, two,"]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return RolloutWorker(resolve_model("tiny:llama"), num_threads=1)
+
+
+def test_groups_are_contiguous_and_logprobs_match_a_forward_pass(worker):
+    out = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7), seed=0)
+    assert len(out["response_ids"]) == 6
+    assert out["prompt_ids"][0] == out["prompt_ids"][2] != out["prompt_ids"][3]
+    assert all(reason == "length" and len(r) == 8 for reason, r in zip(out["finish_reason"], out["response_ids"]))
+    batch = pad_pairs(out["prompt_ids"], out["response_ids"], worker.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref = response_logprobs(worker.model, batch, temperature=0.7)
+    for i, lp in enumerate(out["logprobs"]):
+        assert torch.allclose(torch.tensor(lp), ref[i, :len(lp)], atol=1e-4)
+    # Same seed, same samples; another seed, other samples.
+    again = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7), seed=0)
+    assert again["response_ids"] == out["response_ids"]
+    assert worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8), seed=1)["response_ids"] != out["response_ids"]
+
+
+def test_no_hidden_top_k(worker):
+    """At a very high temperature the distribution is near uniform: most samples must fall outside the top 50
+    (transformers would silently apply top_k=50 if the generation config left it unset)."""
+    out = worker.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=16, temperature=100.0), seed=0)
+    batch = pad_pairs(out["prompt_ids"], out["response_ids"], worker.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = worker.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"]).logits[:, batch["prompt_len"] - 1:-1]
+    chosen = logits.gather(-1, batch["response_tokens"].unsqueeze(-1))
+    ranks = (logits > chosen).sum(-1)[batch["response_mask"].bool()]
+    assert (ranks >= 50).float().mean() > 0.9
+
+
+def test_stop_reason_and_eos_kept(worker):
+    model = worker.model
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[worker.tokenizer.eos_token_id] = 1e4  # EOS always wins
+    model.lm_head = biased
+    try:
+        out = worker.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8), seed=0)
+        assert out["finish_reason"] == ["stop"] * 4
+        assert out["response_ids"] == [[worker.tokenizer.eos_token_id]] * 4 and out["text"] == [""] * 4
+        assert all(abs(lp[0]) < 1e-3 for lp in out["logprobs"])  # log-prob of a near-certain EOS
+    finally:
+        model.lm_head = head
+
+
+def test_load_weights_changes_the_policy_and_rejects_foreign_state(worker):
+    original = {n: p.detach().numpy().copy() for n, p in worker.model.named_parameters()}
+    before = worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0)
+    shifted = {n: v + np.float32(0.05) * np.sign(np.random.default_rng(0).standard_normal(v.shape)).astype(np.float32)
+               for n, v in original.items()}
+    assert worker.load_weights(shifted, version=3) == 3
+    after = worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0)
+    assert after["logprobs"] != before["logprobs"]
+    with pytest.raises(RuntimeError, match="weight sync mismatch"):
+        worker.load_weights({"not.a.param": np.zeros(3, np.float32)}, version=4)
+    worker.load_weights(original, version=5)
+    assert worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0)["logprobs"] == \
+        before["logprobs"]
