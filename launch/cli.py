@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("REASONRL_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    from rl.data import DataError
+    from rl.models import ModelError
+
     try:
         return _train(args)
-    except ConfigError as err:
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+        # Problems with the user's input: one clear line, no traceback. Anything else propagates (exit 1).
         print(f"reasonrl: {err}", file=sys.stderr)
         return 2
 

@@ -110,5 +110,34 @@ def resolve(spec: str) -> Callable:
     return obj
 
 
+def check_spec(spec: str) -> str:
+    """Validate a spec without running user code (no import of the target); return it with file paths absolute.
+
+    Used when a config is loaded, so a typo fails before any actor starts; `resolve` runs later in the workers,
+    whose working directory need not be the driver's (hence the absolute path).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardSpecError(f"reward spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if ":" not in spec:
+        resolve(spec)  # registry lookup only
+        return spec
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise RewardSpecError(f"reward spec {spec!r}: expected 'module:function' or 'path/file.py:function'")
+    if _is_file_target(target):
+        full = os.path.abspath(target)
+        if not os.path.isfile(full):
+            raise RewardSpecError(f"reward spec {spec!r}: file not found: {full}")
+        return f"{full}:{attr}"
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise RewardSpecError(f"reward spec {spec!r}: no module named {target!r}")
+    return spec
+
+
 # Imported last: rewards.math uses register() defined above. Importing it fills REGISTRY with the built-ins.
 from . import math as _builtin_math  # noqa: E402,F401

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -72,10 +72,21 @@ class RolloutConfig(Section):
     generate_batch_size: int = Field(64, ge=1, description="Sequences per `generate` call inside a worker.")
 
 
+def _checked_spec(spec: str) -> str:
+    from rewards import RewardSpecError, check_spec
+
+    try:
+        return check_spec(spec)
+    except RewardSpecError as err:
+        raise ValueError(str(err)) from None
+
+
 class RewardFunction(Section):
     fn: str = Field(description="Registry name, `module:function` or `path/to/file.py:function`.")
     weight: float = Field(1.0, description="Weight in the summed reward.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
+
+    _spec_exists = field_validator("fn")(lambda spec: _checked_spec(spec))
 
 
 class RewardConfig(Section):
@@ -89,6 +100,8 @@ class RewardConfig(Section):
     timeout_seconds: Optional[float] = Field(
         30.0, description="Per-call limit for one reward function on one chunk (null: no limit). A call that "
         "raises, times out or returns a non-finite value scores its samples 0 and is counted.")
+
+    _accuracy_spec = field_validator("accuracy")(lambda spec: _checked_spec(spec))
 
     @model_validator(mode="after")
     def _accuracy_is_listed(self):

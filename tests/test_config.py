@@ -27,7 +27,10 @@ def test_overrides_are_typed_and_nested():
     ("rollout.temprature=0.8", "rollout.temprature", "did you mean 'temperature'"),
     ("learner.zero_stage=1", "learner.zero_stage", "0, 2 or 3"),
     ("rollout.group_size=many", "rollout.group_size", "integer"),
-    ("reward.accuracy=nope", "reward.accuracy", "must be one of"),
+    ("reward.accuracy=exact_match", "reward.accuracy", "must be one of"),
+    ("reward.functions=[{fn: nope}]", "reward.functions.0.fn", "known names: boxed_format"),
+    ("reward.functions=[{fn: 'no/such/file.py:f'}]", "reward.functions.0.fn", "file not found"),
+    ("reward.functions=[{fn: 'nosuchmodule:f'}]", "reward.functions.0.fn", "no module named"),
     ("algorithm.mini_batches=3", "algorithm.mini_batches", "must divide"),
     ("trainer.max_steps.x=1", "trainer.max_steps", "not a section"),
     ("nosuchsection.a=1", "nosuchsection", "unknown key"),
@@ -52,3 +55,13 @@ def test_cli_rejects_bad_config_before_starting_ray(capsys):
     assert "rollout.temprature" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert main(["train", "does/not/exist.yaml"]) == 2
+
+
+def test_cli_reports_input_errors_in_one_line(tmp_path, capsys):
+    assert main(["train", str(ROOT / "configs/tiny.yaml"), f"data.train={tmp_path}/missing.jsonl",
+                 f"trainer.output_dir={tmp_path}/run"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["train", str(ROOT / "configs/tiny.yaml"), f"model.path={tmp_path}",
+                 f"trainer.output_dir={tmp_path}/run"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2

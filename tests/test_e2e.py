@@ -141,3 +141,21 @@ def test_update_does_not_depend_on_ranks_or_micro_batches(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["grad_norm"] > 0
+
+
+def test_zero3_with_reference_kl_and_several_updates_per_rollout(tmp_path):
+    """ZeRO-3 partitioned training, the frozen reference (k3 KL), 2 iterations x 2 mini-batches with old log-probs."""
+    out = tmp_path / "z3"
+    train(_cfg(out, "learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=2",
+               "algorithm.kl_coef=0.05", "algorithm.num_iterations=2", "algorithm.mini_batches=2",
+               "algorithm.loss_agg=seq-mean-token-sum-norm", "learner.lr=1e-3", "trainer.eval_at_start=false"))
+    first, second = _metrics(out)
+    # Step 1's first mini-batch starts at the reference, later ones have moved away: KL > 0 by construction.
+    assert first["kl"] > 0 and second["kl"] > first["kl"]
+    assert second["clip_fraction"] > 0  # off-policy updates hit the clip range at this learning rate
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "checkpoint-final")
+    initial = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step-000001/model")
+    assert not torch.equal(trained.model.embed_tokens.weight, initial.model.embed_tokens.weight)
+    assert trained.model.embed_tokens.weight.shape == (49152, 64)  # gathered, not a ZeRO-3 shard
