@@ -75,9 +75,21 @@ def _plain(v):
     return f"non-numeric {type(v).__name__}"
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this child when its parent dies, even mid-way through a hung reward call."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: EOF on the pipe still ends an idle child
+
+
 def _child_main(conn, specs) -> None:
     from rewards import resolve
 
+    _die_with_parent()
     try:
         fns = [(resolve(s), kw) for s, kw in specs]
     except Exception as e:

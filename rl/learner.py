@@ -109,6 +109,8 @@ class LearnerRank:
         width = batch["response_mask"].shape[1]
         batch["old_logprobs"] = pad_values([s["old_logprobs"] for s in seqs], width)
         batch["advantages"] = torch.tensor([s["advantage"] for s in seqs], dtype=torch.float32)
+        if "ref_logprobs" in seqs[0]:
+            batch["ref_logprobs"] = pad_values([s["ref_logprobs"] for s in seqs], width)
         return to_device(batch, self.device)
 
     def train(self, shard: list[dict], plan: dict) -> dict:
@@ -154,10 +156,12 @@ class LearnerRank:
 
     @torch.no_grad()
     def _attach_ref_logprobs(self, shard: list[dict]) -> None:
-        for seq in shard:
-            batch = self._micro([seq])
-            lp = response_logprobs(self.ref, batch, self.temperature)[0, :len(seq["response_ids"])]
-            seq["ref_logprobs"] = lp.tolist()
+        """Reference log-probs once per rollout batch (the reference never changes), in micro-batches."""
+        for start in range(0, len(shard), self.cfg.micro_batch_size):
+            chunk = shard[start:start + self.cfg.micro_batch_size]
+            lp = response_logprobs(self.ref, self._micro(chunk), self.temperature).cpu()
+            for i, seq in enumerate(chunk):
+                seq["ref_logprobs"] = lp[i, :len(seq["response_ids"])].tolist()
 
     @torch.no_grad()
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:

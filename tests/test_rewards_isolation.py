@@ -3,6 +3,7 @@ import logging
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,40 @@ def test_math_verify_isolated_matches_direct_even_from_a_thread():
     res = out["res"]
     assert res.scores["math_verify"] == direct and res.failures["math_verify"] == 0
     assert res.scores["boxed_format"] == boxed_format(prompts, comps)
+
+
+def test_hung_child_dies_with_its_parent(tmp_path):
+    """kill -9 of the process that owns the rewards (e.g. a reward actor) must not leave a hung child behind."""
+    import subprocess
+    import sys
+    import textwrap
+
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\ndef hang(prompts, completions, **kw):\n    time.sleep(1000)\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {root!r})
+        from rewards.isolation import IsolatedRewards
+        IsolatedRewards([({str(hang)!r} + ":hang", {{}})], timeout=None).score(["p"], ["c"], {{}})
+    """)])
+    deadline = time.time() + 60
+    children = []
+    while time.time() < deadline and len(children) < 1:
+        out = subprocess.run(["pgrep", "-P", str(owner.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(pid) for pid in out]
+        time.sleep(0.5)
+    assert children, "the reward child never started"
+    time.sleep(3)  # let it reach the hanging call
+    owner.kill()
+    owner.wait()
+
+    def alive(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(p) for p in children):
+        time.sleep(0.2)
+    assert not any(alive(p) for p in children)
