@@ -21,9 +21,20 @@ def _train(args) -> int:
         if not args.config:
             raise ConfigError("reasonrl train needs a config file (e.g. configs/demo.yaml) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
+    import ray.exceptions
+
+    from rl import checkpoint
     from rl.trainer import train  # heavy imports only after the config is known to be valid
 
-    summary = train(cfg, resume=bool(args.resume))
+    try:
+        summary = train(cfg, resume=bool(args.resume))
+    except ray.exceptions.RayError as err:
+        # A worker died (OOM, kill, crash). Checkpoints are written atomically, so the last one is intact.
+        last = checkpoint.latest(cfg.trainer.output_dir)
+        where = f"the last checkpoint is intact: {last}" if last else "no checkpoint had been written yet"
+        print(f"reasonrl: stopped because a worker died ({type(err).__name__}: {str(err).splitlines()[0]}); "
+              f"{where}; continue with: reasonrl train --resume {cfg.trainer.output_dir}", file=sys.stderr)
+        return 3
     if "eval_start" in summary and "eval_end" in summary:
         a, b = summary["eval_start"]["accuracy"], summary["eval_end"]["accuracy"]
         print(f"held-out accuracy: {a:.3f} -> {b:.3f} ({cfg.trainer.output_dir})")

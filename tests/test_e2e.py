@@ -159,3 +159,26 @@ def test_zero3_with_reference_kl_and_several_updates_per_rollout(tmp_path):
     initial = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step-000001/model")
     assert not torch.equal(trained.model.embed_tokens.weight, initial.model.embed_tokens.weight)
     assert trained.model.embed_tokens.weight.shape == (49152, 64)  # gathered, not a ZeRO-3 shard
+
+
+def test_dead_worker_stops_cleanly_with_checkpoint_intact_then_resumes(tmp_path, capsys):
+    """A reward actor is SIGKILLed during step 2: exit code 3, one message, step 1's checkpoint loads, and
+    --resume finishes the run."""
+    from launch.cli import main
+
+    out = tmp_path / "run"
+    killer = (f"reward.functions=[{{fn: '{FIXTURE}:kill_worker_on_second_call', "
+              f"kwargs: {{counter: '{tmp_path / 'calls'}'}}}}]")
+    args = ["train", str(ROOT / "configs/tiny.yaml"), f"trainer.output_dir={out}", killer,
+            f"reward.accuracy={FIXTURE}:kill_worker_on_second_call", "trainer.eval_at_start=false",
+            "logging.progress=false"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "a worker died" in err and "step-000001" in err and f"--resume {out}" in err
+    assert [m["step"] for m in _metrics(out)] == [1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "checkpoints/step-000001/model")
+    # The counter is past 2 now, so the same reward no longer kills: the resumed run completes.
+    assert main(["train", "--resume", str(out)]) == 0
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
