@@ -127,61 +127,71 @@ def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner:
         rollouts.load_weights(learner.weights(), start_step)
         log.info("resumed from %s at step %d", last_ckpt, start_step)
 
-    metrics = MetricsLogger(str(out_dir), tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                            total_steps=cfg.trainer.max_steps, start_step=start_step)
-    metrics.log_event("actors", {"step": start_step, "rollout": rollouts.nodes(), "reward": rewards.nodes(),
-                                 "learner": learner.nodes()})
     summary = {"start_step": start_step}
-    if eval_rows and cfg.trainer.eval_at_start and start_step == 0:
-        summary["eval_start"] = result = evaluate(cfg, rollouts, rewards, eval_rows, 0)
-        metrics.log_event("eval", result)
-        print(f"held-out accuracy at start: {result['accuracy']:.3f} (n={result['n']})", flush=True)
+    with MetricsLogger(str(out_dir), tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                       total_steps=cfg.trainer.max_steps, start_step=start_step) as metrics:
+        metrics.log_event("actors", {"step": start_step, "rollout": rollouts.nodes(), "reward": rewards.nodes(),
+                                     "learner": learner.nodes()})
+        if eval_rows and cfg.trainer.eval_at_start and start_step == 0:
+            summary["eval_start"] = log_eval(metrics, "start", evaluate(cfg, rollouts, rewards, eval_rows, 0))
 
-    G, P = cfg.rollout.group_size, cfg.rollout.prompts_per_step
-    params = sampling_params(cfg, n=G)
-    saved_step = start_step
-    for step in range(start_step + 1, cfg.trainer.max_steps + 1):
-        t0 = time.perf_counter()
-        rows = sampler.next_batch(P)
-        rollout = rollouts.generate([r["prompt"] for r in rows], params, seed=cfg.trainer.seed * 100003 + step)
-        t1 = time.perf_counter()
-        total, correct, reward_result = score(rewards, cfg, rows, rollout, G)
-        advantages = grpo_advantages(torch.tensor(total), G, scale_by_std=cfg.algorithm.scale_by_std)
-        t2 = time.perf_counter()
-        sequences = [{"prompt_ids": p, "response_ids": r, "old_logprobs": lp, "advantage": float(a)}
-                     for p, r, lp, a in zip(rollout["prompt_ids"], rollout["response_ids"], rollout["logprobs"],
-                                            advantages)]
-        stats = learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens)
-        t3 = time.perf_counter()
-        rollouts.load_weights(learner.weights(), step)
-        t4 = time.perf_counter()
+        saved_step = start_step
+        for step in range(start_step + 1, cfg.trainer.max_steps + 1):
+            t0 = time.perf_counter()
+            row = train_step(cfg, step, sampler.next_batch(cfg.rollout.prompts_per_step), rollouts, rewards,
+                             learner, metrics)
+            if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+                row["time_checkpoint"] = save(cfg, learner, sampler, step)
+                saved_step = step
+            row["time_step"] = time.perf_counter() - t0
+            metrics.log(step, row)
 
-        row = step_metrics(rollout, total, correct, advantages, stats, reward_result, G)
-        row.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_sync=t4 - t3)
-        if reward_result.errors:
-            metrics.log_event("reward_failures", {"step": step, "errors": reward_result.errors[:5]})
-        if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
-            metrics.log_event("sample", {"step": step, "prompt": rows[0]["prompt"], "completion": rollout["text"][0],
-                                         "reward": total[0]})
-        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            row["time_checkpoint"] = save(cfg, learner, sampler, step)
-            saved_step = step
-        row["time_step"] = time.perf_counter() - t0
-        metrics.log(step, row)
-
-    if saved_step != cfg.trainer.max_steps and cfg.trainer.max_steps > start_step:
-        save(cfg, learner, sampler, cfg.trainer.max_steps)
-    final = checkpoint.latest(out_dir)
-    if final is not None:
-        checkpoint.link_final(out_dir, final)
-    if eval_rows and cfg.trainer.eval_at_end:
-        summary["eval_end"] = result = evaluate(cfg, rollouts, rewards, eval_rows, cfg.trainer.max_steps)
-        metrics.log_event("eval", result)
-        print(f"held-out accuracy at end: {result['accuracy']:.3f} (n={result['n']})", flush=True)
-    metrics.close()
+        if saved_step != cfg.trainer.max_steps and cfg.trainer.max_steps > start_step:
+            save(cfg, learner, sampler, cfg.trainer.max_steps)
+        final = checkpoint.latest(out_dir)
+        if final is not None:
+            checkpoint.link_final(out_dir, final)
+        if eval_rows and cfg.trainer.eval_at_end:
+            summary["eval_end"] = log_eval(metrics, "end",
+                                           evaluate(cfg, rollouts, rewards, eval_rows, cfg.trainer.max_steps))
     if cfg.logging.plots:
         plot_curves(str(out_dir / "metrics.jsonl"), str(out_dir))
     return summary
+
+
+def train_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup, rewards: RewardGroup,
+               learner: LearnerGroup, metrics: MetricsLogger) -> dict:
+    """One GRPO step: rollout -> rewards -> advantages -> update -> weight sync. Returns the step's metrics."""
+    G = cfg.rollout.group_size
+    t0 = time.perf_counter()
+    rollout = rollouts.generate([r["prompt"] for r in rows], sampling_params(cfg, n=G),
+                                seed=cfg.trainer.seed * 100003 + step)
+    t1 = time.perf_counter()
+    total, correct, reward_result = score(rewards, cfg, rows, rollout, G)
+    advantages = grpo_advantages(torch.tensor(total), G, scale_by_std=cfg.algorithm.scale_by_std)
+    t2 = time.perf_counter()
+    sequences = [{"prompt_ids": p, "response_ids": r, "old_logprobs": lp, "advantage": float(a)}
+                 for p, r, lp, a in zip(rollout["prompt_ids"], rollout["response_ids"], rollout["logprobs"],
+                                        advantages)]
+    stats = learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens)
+    t3 = time.perf_counter()
+    rollouts.load_weights(learner.weights(), step)
+    t4 = time.perf_counter()
+
+    if reward_result.errors:
+        metrics.log_event("reward_failures", {"step": step, "errors": reward_result.errors[:5]})
+    if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
+        metrics.log_event("sample", {"step": step, "prompt": rows[0]["prompt"], "completion": rollout["text"][0],
+                                     "reward": total[0]})
+    row = step_metrics(rollout, total, correct, advantages, stats, reward_result, G)
+    row.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_sync=t4 - t3)
+    return row
+
+
+def log_eval(metrics: MetricsLogger, when: str, result: dict) -> dict:
+    metrics.log_event("eval", result)
+    print(f"held-out accuracy at {when}: {result['accuracy']:.3f} (n={result['n']})", flush=True)
+    return result
 
 
 def save(cfg: Config, learner: LearnerGroup, sampler: PromptSampler, step: int) -> float:
