@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/reasonrl train configs/demo.yaml
+	$(VENV)/bin/reasonrl train configs/demo.yaml trainer.overwrite=true
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -16,6 +16,8 @@ def _train(args) -> int:
         if args.config and Path(args.config).is_file():
             raise ConfigError("give either a config or --resume RUN_DIR (the run's config.yaml is reused)")
         overrides = ([args.config] if args.config else []) + args.overrides  # a lone override lands in `config`
+        # The folder given is the run, wherever it was moved or whatever the working directory is now.
+        overrides.append(f"trainer.output_dir={run_dir.resolve()}")
         cfg = load_config(run_dir / "config.yaml", overrides, name=run_dir.name)
     else:
         if not args.config:
@@ -28,7 +30,7 @@ def _train(args) -> int:
 
     try:
         summary = train(cfg, resume=bool(args.resume))
-    except ray.exceptions.RayError as err:
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as err:
         # A worker died (OOM, kill, crash). Checkpoints are written atomically, so the last one is intact.
         last = checkpoint.latest(cfg.trainer.output_dir)
         where = f"the last checkpoint is intact: {last}" if last else "no checkpoint had been written yet"
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _train(args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError) as err:
         # Problems with the user's input: one clear line, no traceback. Anything else propagates (exit 1).
         print(f"reasonrl: {err}", file=sys.stderr)
         return 2

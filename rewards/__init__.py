@@ -111,7 +111,8 @@ def resolve(spec: str) -> Callable:
 
 
 def check_spec(spec: str) -> str:
-    """Validate a spec without running user code (no import of the target); return it with file paths absolute.
+    """Validate a spec cheaply; return it with file paths absolute. A file target is only checked to exist and a
+    module target only located (`find_spec` imports its parent packages, not the module itself).
 
     Used when a config is loaded, so a typo fails before any actor starts; `resolve` runs later in the workers,
     whose working directory need not be the driver's (hence the absolute path).

@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from rl.fsutil import fsync_dir, write_atomic
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -29,34 +31,18 @@ def begin(output_dir: str | Path, step: int) -> Path:
     return tmp
 
 
-def _write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit(tmp: Path, step: int, state: dict, keep: int) -> Path:
     """Write the trainer state last, rename the folder into place, point `latest` at it, prune old ones."""
-    _write_json_atomic(tmp / STATE_FILE, dict(state, step=step))
+    write_atomic(tmp / STATE_FILE, json.dumps(dict(state, step=step), indent=1))
     final = tmp.parent / f"step-{step:06d}"
     if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    _write_json_atomic(final.parent / "latest", {"step": step, "path": final.name})
-    complete = sorted(p for p in final.parent.glob("step-*") if (p / STATE_FILE).is_file())
-    for old in complete[:-keep]:
+    fsync_dir(final.parent)
+    write_atomic(final.parent / "latest", json.dumps({"step": step, "path": final.name}))
+    # Only checkpoints older than this one are pruned (never a newer one, whatever left it there).
+    older = sorted(p for p in final.parent.glob("step-*") if (p / STATE_FILE).is_file() and p.name < final.name)
+    for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -57,7 +57,8 @@ class RolloutGroup:
     def __init__(self, cfg: Config, model_path: str):
         n = cfg.rollout.num_workers
         actor = ray.remote(RolloutWorker).options(**_options(cfg.rollout.num_gpus), max_restarts=0)
-        self.workers = [actor.remote(model_path, cfg.model.dtype, _threads(n)) for _ in range(n)]
+        device = "cuda" if cfg.rollout.num_gpus > 0 else "cpu"
+        self.workers = [actor.remote(model_path, cfg.model.dtype, _threads(n), device) for _ in range(n)]
 
     def generate(self, prompts: list[str], params: SamplingParams, seed: int) -> dict:
         """Prompts are split over workers in contiguous chunks; groups stay whole and in order."""
@@ -106,8 +107,12 @@ class LearnerGroup:
         self.ranks = [actor.remote(r, n, model_path, cfg.learner.model_dump(), cfg.algorithm.model_dump(),
                                    cfg.model.dtype, cfg.rollout.temperature, cfg.trainer.seed, _threads(n))
                       for r in range(n)]
-        addr, port = ray.get(self.ranks[0].address.remote())
-        ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        try:
+            addr, port = ray.get(self.ranks[0].address.remote())
+            ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        except Exception:
+            shutdown(self)  # the caller never gets a handle to clean up
+            raise
         self.micro_batch_size = cfg.learner.micro_batch_size
 
     def train(self, sequences: list[dict], mini_batches: int, max_len: int) -> dict:
@@ -133,7 +138,7 @@ class LearnerGroup:
     def weights(self):
         """ObjectRef of rank 0's numpy state dict (all ranks take part: ZeRO-3 gathers are collective)."""
         refs = [r.get_weights.remote() for r in self.ranks]
-        ray.wait(refs[1:], num_returns=len(refs) - 1) if len(refs) > 1 else None
+        ray.get(refs[1:])  # raises if another rank failed; they return None
         return refs[0]
 
     def logprobs(self, prompt_ids, response_ids):

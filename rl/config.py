@@ -67,8 +67,9 @@ class RolloutConfig(Section):
     group_size: int = Field(4, ge=1, description="Samples per prompt (G).")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are taken at this temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1.0: off).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1.0: off). Log-probs always describe "
+                         "the full distribution, so truncation makes updates slightly off-policy.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off; same caveat as top_p).")
     generate_batch_size: int = Field(64, ge=1, description="Sequences per `generate` call inside a worker.")
 
 
@@ -147,6 +148,8 @@ class TrainerConfig(Section):
     max_steps: int = Field(30, ge=1, description="Training steps (one rollout batch each).")
     seed: int = Field(0, description="Seeds data order, sampling and initialisation.")
     output_dir: Optional[str] = Field(None, description="Run folder; default runs/<config file name>.")
+    overwrite: bool = Field(False, description="A fresh run into a folder that already holds a run: false stops "
+                            "with an error; true moves the old run to <output_dir>.old-<time> (nothing is deleted).")
     save_every: int = Field(10, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep.")
     eval_at_start: bool = Field(True, description="Held-out accuracy before training.")

@@ -28,8 +28,6 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int, dtype: str) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}  # DeepSpeedCPUAdam (JIT-built on first use)
     else:
         optimizer_params["torch_adam"] = True  # no JIT build on CPU, same math as fused Adam
-    if cfg.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,  # accumulation is driven by set_gradient_accumulation_boundary
@@ -80,7 +78,7 @@ class LearnerRank:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         import deepspeed
 
-        use_cuda = torch.cuda.is_available()
+        use_cuda = self.cfg.num_gpus_per_rank > 0  # from the config, matching DS_ACCELERATOR set by rl.cluster
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
         torch.manual_seed(self.seed)
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from rl.fsutil import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
 TB_DIR = "tb"
@@ -30,18 +32,6 @@ def _to_float(name: str, value: Any) -> Optional[float]:
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"metric {name!r}: expected a number, got {type(value).__name__}: {e}") from None
     return x if math.isfinite(x) else None
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (best effort: some filesystems refuse fsync on a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _rewrite_jsonl(path: Path, keep_upto_step: Optional[int]) -> None:
@@ -62,13 +52,7 @@ def _rewrite_jsonl(path: Path, keep_upto_step: Optional[int]) -> None:
                 kept.append(line)
             elif isinstance(step, (int, float)) and step <= keep_upto_step:
                 kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _append_line(f, obj: Mapping[str, Any]) -> None:

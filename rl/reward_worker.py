@@ -14,8 +14,10 @@ class RewardWorker:
     def __init__(self, functions: list[dict], timeout: float | None):
         from rewards.isolation import IsolatedRewards
 
-        self.names = [f["fn"] for f in functions]
         self.rewards = IsolatedRewards([(f["fn"], f.get("kwargs") or {}) for f in functions], timeout)
+        # Resolve the specs now: a missing function fails while the run starts, not in the middle of step 1, and
+        # the child is tied to this actor's main thread for its whole life.
+        self.rewards.start()
 
     def ping(self) -> dict:
         import ray
@@ -25,6 +27,3 @@ class RewardWorker:
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> dict:
         """Per-function scores plus failure counts for this chunk of samples."""
         return dataclasses.asdict(self.rewards.score(prompts, completions, columns))
-
-    def close(self) -> None:
-        self.rewards.close()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rl.algorithms import entropy_from_logits
+from rl.algorithms import entropy_from_logits, token_logprobs
 from rl.models import load_policy, load_tokenizer
 
 
@@ -31,10 +31,10 @@ class SamplingParams:
 class RolloutWorker:
     """Holds an inference copy of the policy. Wrapped as a Ray actor by `rl.cluster`."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", num_threads: int | None = None, device: str = "auto"):
+    def __init__(self, model_path: str, dtype: str = "float32", num_threads: int | None = None, device: str = "cpu"):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = device
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge
         self.model = load_policy(model_path, dtype, self.device).eval()
@@ -79,11 +79,10 @@ class RolloutWorker:
         temperature = 1.0 if params.greedy else params.temperature
         # Per-step log-prob of the sampled token and entropy, from the raw logits at the sampling temperature.
         steps_lp, steps_ent = [], []
-        for t, logits in enumerate(res.logits):
-            scaled = logits.float() / temperature
-            logz = torch.logsumexp(scaled, dim=-1)
-            steps_lp.append(scaled.gather(-1, new_tokens[:, t:t + 1]).squeeze(-1) - logz)
-            steps_ent.append(entropy_from_logits(scaled.unsqueeze(1)).squeeze(1))
+        for t, logits in enumerate(res.logits):  # one [B, V] tensor per step: never a [B, T, V] copy
+            step_logits = logits.unsqueeze(1)
+            steps_lp.append(token_logprobs(step_logits, new_tokens[:, t:t + 1], temperature).squeeze(1))
+            steps_ent.append(entropy_from_logits(step_logits, temperature).squeeze(1))
         lp = torch.stack(steps_lp, 1).cpu()
         ent = torch.stack(steps_ent, 1).cpu()
         mask = enc["attention_mask"].cpu().bool()

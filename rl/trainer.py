@@ -13,9 +13,9 @@ from rewards.isolation import weighted_total
 from rl import checkpoint
 from rl.algorithms import grpo_advantages, zero_advantage_groups
 from rl.cluster import LearnerGroup, RewardGroup, RolloutGroup, init_ray, shutdown
-from rl.config import Config, dump_config
+from rl.config import Config, ConfigError, dump_config
 from rl.data import PromptSampler, filter_long_prompts, load_rows, render_prompt
-from rl.metrics import MetricsLogger, plot_curves
+from rl.metrics import MetricsLogger, plot_curves, summarize
 from rl.models import load_tokenizer, resolve_model
 from rl.rollout import SamplingParams
 
@@ -33,10 +33,15 @@ def prepare_prompts(cfg: Config, tokenizer, source: str, split: str) -> tuple[li
     return rows, dict(stats, skipped_too_long=too_long, rows=len(rows))
 
 
-def reward_columns(rows: list[dict], rollout: dict, group_size: int) -> dict[str, list]:
-    """Dataset columns repeated per sample (TRL's reward contract), plus the sampled token ids and counts."""
+def reward_columns(cfg: Config, rows: list[dict], rollout: dict, group_size: int) -> dict[str, list]:
+    """Dataset columns repeated per sample (TRL's reward contract), plus the sampled token ids and counts.
+
+    The answer arrives as `answer` and also under the dataset's own column name, so a reward written for TRL
+    against that dataset finds the column it expects.
+    """
     skip = {"prompt", "problem"}
     columns = {k: [r[k] for r in rows for _ in range(group_size)] for k in rows[0] if k not in skip}
+    columns.setdefault(cfg.data.answer_key, columns["answer"])
     columns["completion_ids"] = rollout["response_ids"]
     columns["completion_tokens"] = [len(r) for r in rollout["response_ids"]]
     return columns
@@ -45,7 +50,7 @@ def reward_columns(rows: list[dict], rollout: dict, group_size: int) -> dict[str
 def score(rewards: RewardGroup, cfg: Config, rows: list[dict], rollout: dict, group_size: int):
     """Weighted total reward per sample, accuracy per sample, and the raw per-function result."""
     prompts = [r["prompt"] for r in rows for _ in range(group_size)]
-    result = rewards.score(prompts, rollout["text"], reward_columns(rows, rollout, group_size))
+    result = rewards.score(prompts, rollout["text"], reward_columns(cfg, rows, rollout, group_size))
     total = weighted_total(result, {f.fn: f.weight for f in cfg.reward.functions})
     correct = [float(s > 0.5) for s in result.scores[cfg.reward.accuracy]]
     return total, correct, result
@@ -60,9 +65,10 @@ def sampling_params(cfg: Config, n: int, greedy: bool = False) -> SamplingParams
 def step_metrics(rollout: dict, total: list[float], correct: list[float], advantages: torch.Tensor, stats: dict,
                  reward_result, group_size: int) -> dict:
     tokens = [len(r) for r in rollout["response_ids"]]
+    token_stats = summarize(tokens)
     row = {
         "loss": stats["loss"], "reward": sum(total) / len(total), "accuracy": sum(correct) / len(correct),
-        "response_tokens_mean": sum(tokens) / len(tokens), "response_tokens_max": max(tokens),
+        "response_tokens_mean": token_stats["mean"], "response_tokens_max": token_stats["max"],
         "truncation_rate": rollout["finish_reason"].count("length") / len(tokens),
         "entropy": sum(rollout["entropy_sum"]) / max(1, sum(tokens)),  # mean full-vocabulary entropy per token
         "kl": stats["kl_sum"] / max(1.0, stats["tokens"]),
@@ -87,10 +93,24 @@ def evaluate(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, rows: li
             "response_tokens_mean": sum(tokens) / len(tokens)}
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    out_dir = Path(cfg.trainer.output_dir)
+def prepare_output_dir(cfg: Config, resume: bool) -> Path:
+    """Absolute run folder (actors may not share the driver's working directory); an old run is never mixed in."""
+    out_dir = Path(cfg.trainer.output_dir).resolve()
+    cfg.trainer.output_dir = str(out_dir)
+    holds_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists()
+    if holds_run and not resume:
+        if not cfg.trainer.overwrite:
+            raise FileExistsError(f"{out_dir} already holds a run: continue it with `reasonrl train --resume "
+                                  f"{out_dir}`, or start over with trainer.overwrite=true (moves it aside)")
+        aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out_dir.rename(aside)
+        log.warning("moved the previous run in %s to %s", out_dir, aside)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(cfg))
+    return out_dir
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    out_dir = prepare_output_dir(cfg, resume)
     model_path = resolve_model(cfg.model.path, cfg.model.cache_dir)
     tokenizer = load_tokenizer(model_path)
 
@@ -104,12 +124,21 @@ def train(cfg: Config, resume: bool = False) -> dict:
     log.info("train rows %s", train_stats)
 
     last_ckpt = checkpoint.latest(out_dir) if resume else None
-    if resume and last_ckpt is None:  # checked before any actor starts
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
+    if resume:  # checked before any actor starts
+        if last_ckpt is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
+        saved_seed = checkpoint.load_state(last_ckpt)["seed"]
+        if saved_seed != cfg.trainer.seed:
+            raise ConfigError(f"config key 'trainer.seed': the run was trained with seed {saved_seed}; a resumed "
+                              f"run must keep it (got {cfg.trainer.seed})")
+    (out_dir / "config.yaml").write_text(dump_config(cfg))
 
     init_ray(cfg)
-    groups = RolloutGroup(cfg, model_path), RewardGroup(cfg), LearnerGroup(cfg, model_path)
-    try:
+    groups: list = []
+    try:  # groups are appended as they start, so a failure half-way still kills what did start
+        groups.append(RolloutGroup(cfg, model_path))
+        groups.append(RewardGroup(cfg))
+        groups.append(LearnerGroup(cfg, model_path))
         return run_loop(cfg, *groups, sampler, eval_rows, last_ckpt)
     finally:
         shutdown(*groups)

@@ -44,3 +44,12 @@ def test_final_link_points_at_model(tmp_path):
 
 def test_no_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path) is None
+
+
+def test_pruning_never_touches_newer_checkpoints(tmp_path):
+    for step in (40, 50):
+        _fake_save(tmp_path, step)
+    kept = _fake_save(tmp_path, 10)  # e.g. leftovers of another run in the same folder
+    assert kept.is_dir() and checkpoint.latest(tmp_path) == kept
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [
+        "step-000010", "step-000040", "step-000050"]

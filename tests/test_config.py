@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from launch.cli import main
-from rl.config import Config, ConfigError, load_config
+from rl.config import Config, ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,3 +65,35 @@ def test_cli_reports_input_errors_in_one_line(tmp_path, capsys):
                  f"trainer.output_dir={tmp_path}/run"]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+
+
+def test_existing_run_folder_is_never_mixed_into(tmp_path, capsys):
+    from rl.trainer import prepare_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"trainer.output_dir={run}"])
+    with pytest.raises(FileExistsError, match="--resume"):
+        prepare_output_dir(cfg, resume=False)
+    assert main(["train", str(ROOT / "configs/tiny.yaml"), f"trainer.output_dir={run}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    cfg.trainer.overwrite = True
+    assert prepare_output_dir(cfg, resume=False) == run and not (run / "metrics.jsonl").exists()
+    (moved,) = tmp_path.glob("run.old-*")
+    assert (moved / "metrics.jsonl").read_text() == '{"step": 1}\n'  # moved aside, not deleted
+
+
+def test_resume_refuses_another_seed_before_starting_anything(tmp_path, capsys):
+    import ray
+
+    from rl import checkpoint
+
+    run = tmp_path / "run"
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"trainer.output_dir={run}"])
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(cfg))
+    checkpoint.commit(checkpoint.begin(run, 1), 1, {"sampler": {}, "seed": 0}, keep=2)
+    assert main(["train", "--resume", str(run), "trainer.seed=5"]) == 2
+    assert "trainer.seed" in capsys.readouterr().err
+    assert not ray.is_initialized()
