@@ -27,6 +27,7 @@ def _train(args) -> int:
 
     from rl import checkpoint
     from rl.trainer import train  # heavy imports only after the config is known to be valid
+    from rl.watchdog import StuckError
 
     try:
         summary = train(cfg, resume=bool(args.resume))
@@ -37,9 +38,24 @@ def _train(args) -> int:
         print(f"reasonrl: stopped because a worker died ({type(err).__name__}: {str(err).splitlines()[0]}); "
               f"{where}; continue with: reasonrl train --resume {cfg.trainer.output_dir}", file=sys.stderr)
         return 3
+    except StuckError as err:
+        # The watchdog already logged the stuck actor's stack; the run stops instead of hanging.
+        last = checkpoint.latest(cfg.trainer.output_dir)
+        print(f"reasonrl: stopped by the watchdog: {str(err).splitlines()[0]}; last checkpoint: {last}; continue "
+              f"with: reasonrl train --resume {cfg.trainer.output_dir}", file=sys.stderr)
+        return 4
     if "eval_start" in summary and "eval_end" in summary:
         a, b = summary["eval_start"]["accuracy"], summary["eval_end"]["accuracy"]
         print(f"held-out accuracy: {a:.3f} -> {b:.3f} ({cfg.trainer.output_dir})")
+    return 0
+
+
+def _experiment(args) -> int:
+    from launch.experiment import run_experiment
+
+    command = "reasonrl experiment " + " ".join(args.configs) + f" --out {args.out}" + \
+        "".join(f" --set {o}" for o in args.overrides)
+    run_experiment(args.configs, Path(args.out), args.overrides, command)
     return 0
 
 
@@ -50,13 +66,29 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=30")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    from rl.preference_cli import add_preference_commands  # pref-eval / pref-build (TODO, DPO)
+
+    add_preference_commands(sub)
+    from launch.eval_cli import add_eval_commands  # eval / compare (chain-of-thought compression)
+
+    add_eval_commands(sub)
+    from launch.submit import add_commands as add_job_commands  # submit / status / logs / stop (Ray Jobs API)
+
+    add_job_commands(sub)
+    experiment = sub.add_parser("experiment", help="train several configs from the same start and compare them "
+                                "(accuracy with CIs, tokens, zero-advantage groups, entropy)")
+    experiment.add_argument("configs", nargs="+", help="YAML configs differing only in algorithm/reward/logging")
+    experiment.add_argument("--out", required=True, help="folder for the runs, results.md/json and compression.png")
+    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override applied to every config, e.g. --set trainer.max_steps=10")
+    experiment.set_defaults(handler=_experiment)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("REASONRL_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     from rl.data import DataError
     from rl.models import ModelError
 
     try:
-        return _train(args)
+        return args.handler(args) if hasattr(args, "handler") else _train(args)
     except (ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError) as err:
         # Problems with the user's input: one clear line, no traceback. Anything else propagates (exit 1).
         print(f"reasonrl: {err}", file=sys.stderr)

@@ -1,6 +1,8 @@
-"""GRPO-family math as pure torch functions (no ray / deepspeed), see shared/specs/algorithms.md §3.
+"""GRPO-family math as pure torch functions (no ray / deepspeed), see shared/specs/algorithms.md §1 and §3.
 
 - `grpo_advantages`: group-relative advantages, with (GRPO) or without (Dr. GRPO) std scaling.
+- `fgo_rewards` / `fgo_advantages`: FGO's length- and entropy-weighted subgroup rewards (§1), and the two entropy
+  proxies FGO can weight by (`sampled_token_entropy`, `mean_token_entropy`).
 - `token_logprobs` / `entropy_from_logits`: per-token quantities from logits, one row at a time so that
   no second [B, T, V] tensor is allocated next to the logits.
 - `k3_kl`: the low-variance k3 KL estimator used by GRPO.
@@ -51,6 +53,84 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True,
 def zero_advantage_groups(advantages: Tensor, group_size: int, tol: float = 1e-8) -> Tensor:
     """Bool per group: True if every advantage in it is ~0 (the group gives no gradient)."""
     return (_groups(advantages, group_size).abs() <= tol).all(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ FGO
+def fgo_rewards(correct: Tensor, lengths: Tensor, entropies: Tensor, group_size: int, alpha: float = 0.01,
+                beta: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """FGO's fine-grained rewards R_i = r_i * W_i (shared/specs/algorithms.md §1.1), groups contiguous.
+
+    Each group splits into correct (r=+1) and incorrect (r=-1) subgroups; inside a subgroup
+      correct:   x_i = (mean L / L_i)^alpha * (mean H / H_i)^beta
+      incorrect: x_i = (L_i / mean L)^alpha * (mean H / H_i)^beta
+    and W = softmax(x) over the subgroup, so every subgroup's |R| sums to 1 and a singleton gets R = +-1.
+    Computed in float64: with alpha = 0.01 the length factors differ from 1 in the 3rd decimal, and float32
+    rounding would be a visible fraction of the weight differences.
+    """
+    ok = _groups(correct.bool(), group_size)
+    L = _groups(lengths.double(), group_size)
+    H = _groups(entropies.double(), group_size)
+    if (L < 0).any() or (H < 0).any():
+        raise ValueError("FGO lengths and entropies must be non-negative")
+    R = torch.zeros_like(L)
+    for sign, member in ((1.0, ok), (-1.0, ~ok)):
+        n = member.sum(dim=1, keepdim=True)
+        has = n > 0
+        mean_L = torch.where(member, L, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
+        mean_H = torch.where(member, H, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
+        length_factor = mean_L / (L + eps) if sign > 0 else L / (mean_L + eps)
+        x = length_factor ** alpha * (mean_H / (H + eps)) ** beta
+        x = torch.where(member, x, float("-inf"))  # softmax over the subgroup's members only
+        w = torch.softmax(torch.where(has, x, 0.0), dim=1)
+        R = torch.where(member, sign * w, R)
+    return R.reshape(-1)
+
+
+def fgo_advantages(correct: Tensor, lengths: Tensor, entropies: Tensor, group_size: int, alpha: float = 0.01,
+                   beta: float = 1.0, scale_by_std: bool = False) -> Tensor:
+    """FGO advantages A_i = R_i - mean_group(R) [/ (std_group(R) + 1e-4)], float32, groups contiguous.
+
+    scale_by_std=False is the poster's Dr.GRPO form (the default); True is the released code's (stock TRL 0.16:
+    unbiased std + 1e-4). Mixed groups have mean R exactly 0 (each subgroup's weights sum to 1, see §1.2), while
+    all-correct / all-wrong groups keep non-zero advantages unless their members are indistinguishable.
+    """
+    R = _groups(fgo_rewards(correct, lengths, entropies, group_size, alpha, beta), group_size)
+    adv = R - R.mean(dim=1, keepdim=True)
+    if scale_by_std and group_size > 1:
+        adv = adv / (R.std(dim=1, keepdim=True) + 1e-4)
+    if group_size == 1:
+        adv = torch.zeros_like(adv)
+    constant = (R == R[:, :1]).all(dim=1, keepdim=True)  # e.g. identical lengths and entropies
+    return torch.where(constant, torch.zeros_like(adv), adv).reshape(-1).float()
+
+
+def fgo_weight_spread(rewards: Tensor, correct: Tensor, group_size: int) -> float:
+    """Mean over subgroups of >= 2 members of (max W - min W) * |S|: 0 when FGO weights are uniform, 1 when the
+    largest weight exceeds the smallest by one uniform share. A diagnostic for how much FGO reshapes credit."""
+    W = _groups(rewards.abs().double(), group_size)
+    ok = _groups(correct.bool(), group_size)
+    spreads = []
+    for member in (ok, ~ok):
+        n = member.sum(dim=1)
+        big = n >= 2
+        if big.any():
+            hi = torch.where(member, W, float("-inf")).max(dim=1).values
+            lo = torch.where(member, W, float("inf")).min(dim=1).values
+            spreads.append(((hi - lo) * n)[big])
+    return float(torch.cat(spreads).mean()) if spreads else 0.0
+
+
+def sampled_token_entropy(logprobs: Tensor, mask: Tensor) -> Tensor:
+    """FGO's released entropy proxy per response: sum_t -p_t log p_t of the SAMPLED token, p_t = exp(logprob).
+    [B, T] log-probs of the sampled tokens and their mask -> [B]. Not length-normalised: it grows with length."""
+    lp = torch.where(mask.bool(), logprobs.double(), 0.0)
+    return (-(lp.exp() * lp)).sum(dim=-1).to(logprobs.dtype)
+
+
+def mean_token_entropy(token_entropy: Tensor, mask: Tensor) -> Tensor:
+    """Full-vocabulary entropy averaged over each response's tokens: [B, T] (see entropy_from_logits) -> [B]."""
+    m = mask.to(token_entropy.dtype)
+    return (token_entropy * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)
 
 
 # ------------------------------------------------------------------------------- per-token quantities
@@ -173,3 +253,88 @@ def policy_loss(
             "tokens": m.sum(),
         }
     return loss, stats
+
+
+# ------------------------------------------------------------------------- preferences: TODO and DPO
+# Tie-rank Oriented DPO (shared/specs/algorithms.md §2). Inputs are SUMMED response log-probs per sequence
+# (policy and frozen reference, chosen and rejected); mu is the DPO implicit-reward difference.
+# `num_pairs` plays the role of policy_loss's batch-global counts: pass the pair count of the whole optimizer
+# batch and every micro-batch's loss is sum / num_pairs, so the pieces add up to the batch mean.
+
+def preference_margin(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                      ref_rejected_logps: Tensor, beta: float = 0.01) -> Tensor:
+    """mu = beta * ((log pi(y1) - log ref(y1)) - (log pi(y2) - log ref(y2))), per pair."""
+    return beta * ((policy_chosen_logps - ref_chosen_logps.detach())
+                   - (policy_rejected_logps - ref_rejected_logps.detach()))
+
+
+def tobt_probabilities(mu: Tensor, alpha: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """Tie-rank Oriented Bradley-Terry: (P(y1 > y2), P(y2 > y1), P(y1 = y2)) for margins `mu`; they sum to 1.
+
+    Computed in log space: P(win) = sigma(mu - alpha), P(lose) = sigma(-mu - alpha) and
+    P(tie) = (e^{2 alpha} - 1) sigma(mu - alpha) sigma(-mu - alpha).
+    """
+    log_win = torch.nn.functional.logsigmoid(mu - alpha)
+    log_lose = torch.nn.functional.logsigmoid(-mu - alpha)
+    log_tie = _log_expm1_2alpha(alpha, mu) + log_win + log_lose
+    return log_win.exp(), log_lose.exp(), log_tie.exp()
+
+
+def _log_expm1_2alpha(alpha: float, like: Tensor) -> Tensor:
+    # log(e^{2 alpha} - 1); -inf at alpha = 0 (ties impossible), which makes the tie loss +inf as it should.
+    return torch.log(torch.expm1(torch.tensor(2.0 * alpha, dtype=like.dtype, device=like.device)))
+
+
+def todo_losses(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                ref_rejected_logps: Tensor, tie: Tensor, beta: float = 0.01, alpha: float = 0.5) -> Tensor:
+    """Per-pair TODO loss: -log sigma(mu - alpha) for preferences, -log P(tie) for ties (tie = 1/True).
+
+    -log P(tie) = -log(e^{2 alpha} - 1) + softplus(mu + alpha) + softplus(alpha - mu): symmetric in mu, so the
+    order of a tied pair does not matter, and its gradient vanishes at mu = 0.
+    """
+    mu = preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    sp = torch.nn.functional.softplus
+    l_pref = sp(alpha - mu)  # == -logsigmoid(mu - alpha)
+    tie = tie.to(torch.bool)
+    if not tie.any():  # alpha = 0 is then exactly DPO; skip the (infinite at alpha = 0) tie branch entirely
+        return l_pref
+    l_tie = sp(mu + alpha) + sp(alpha - mu) - _log_expm1_2alpha(alpha, mu)
+    return torch.where(tie, l_tie, l_pref)
+
+
+def todo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+              ref_rejected_logps: Tensor, tie: Tensor, beta: float = 0.01, alpha: float = 0.5,
+              num_pairs: int | float | Tensor | None = None) -> Tensor:
+    """Mean TODO loss over the pairs (or sum / num_pairs for a micro-batch of a larger batch)."""
+    losses = todo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tie,
+                         beta, alpha)
+    return losses.sum() / _at_least_one(losses.numel() if num_pairs is None else num_pairs)
+
+
+def dpo_losses(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+               ref_rejected_logps: Tensor, beta: float = 0.01) -> Tensor:
+    """Per-pair plain DPO (sigmoid) loss -log sigma(mu) = softplus(-mu)."""
+    mu = preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    return torch.nn.functional.softplus(-mu)
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float = 0.01,
+             num_pairs: int | float | Tensor | None = None) -> Tensor:
+    """Plain DPO loss, mean over the pairs (or sum / num_pairs)."""
+    losses = dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    return losses.sum() / _at_least_one(losses.numel() if num_pairs is None else num_pairs)
+
+
+def preference_correct(mu: Tensor, tie: Tensor, alpha: float = 0.5) -> dict[str, Tensor]:
+    """Per-pair correctness (bool) of the two evaluations of §2.4.
+
+    `tobt`: the argmax of the three TOBT probabilities is the labelled outcome (win for a preference pair,
+    tie for a tied pair); `sign`: mu > 0 (DPO's rule, preference pairs only). Both need a STRICT winner, so
+    the start of training (policy = reference, mu = 0, win and lose equally likely) scores 0, not 1.
+    """
+    p_win, p_lose, p_tie = tobt_probabilities(mu, alpha)
+    tie = tie.to(torch.bool)
+    win_right = (p_win > p_lose) & (p_win > p_tie)
+    tie_right = (p_tie > p_win) & (p_tie > p_lose)
+    return {"tobt": torch.where(tie, tie_right, win_right), "sign": mu > 0}

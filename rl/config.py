@@ -117,9 +117,63 @@ class RewardConfig(Section):
         return self
 
 
+class FGOConfig(Section):
+    """Fine-grained group optimization (shared/specs/algorithms.md §1): inside each group, correct and incorrect
+    responses form two subgroups whose rewards are +-softmax of length/entropy ratios."""
+    alpha: float = Field(0.01, ge=0, description="Length exponent: larger favours shorter correct answers more "
+                         "(0.01: the released code; the poster's ablations use 0 and 1).")
+    beta: float = Field(1.0, ge=0, description="Entropy exponent: favours low-entropy correct answers and penalises "
+                        "low-entropy wrong ones most.")
+    entropy: Literal["sampled_token_sum", "mean_token_entropy"] = Field(
+        "sampled_token_sum", description="H_i: `sampled_token_sum` = sum over the response of -p log p of the "
+        "sampled token (the released code; grows with length); `mean_token_entropy` = full-vocabulary entropy "
+        "averaged over the response's tokens (a cleaner ablation, not the published FGO).")
+
+
+class TodoConfig(Section):
+    """TODO / DPO preference training (shared/specs/algorithms.md §2), offline on a preference file or online from
+    verifier-built pairs of each rollout group. Used when algorithm.name is `todo` or `dpo` (dpo ignores alpha)."""
+    beta: float = Field(0.01, gt=0, description="Scale of the implicit reward: mu = beta * (policy - reference "
+                        "log-ratio of chosen minus that of rejected), log-probs summed over the response.")
+    alpha: float = Field(0.5, ge=0, description="TOBT tie margin (phi = e^alpha): a win needs mu > alpha. 0 makes "
+                         "TODO plain DPO; ties are then impossible and dropped.")
+    online: bool = Field(False, description="false: train on `train_data` pairs; true: build pairs from each "
+                         "rollout group with the verifier (`reward.accuracy`), see `pairing`.")
+    train_data: Optional[str] = Field(None, description="Offline preference pairs: .jsonl/.json/.parquet file or "
+                                      "`datasets` hub name with columns prompt, chosen, rejected, tie (chat message "
+                                      "lists or plain strings). Rows missing a field are skipped and counted.")
+    train_split: str = Field("train", description="Split of `train_data` when it is a hub dataset.")
+    eval_data: Optional[str] = Field(None, description="Held-out preference pairs (same format) for TOBT three-way "
+                                     "and sign accuracy; null: no preference evaluation.")
+    eval_split: str = Field("test", description="Split of `eval_data` when it is a hub dataset.")
+    eval_size: int = Field(256, ge=0, description="Held-out pairs used (0: all of them).")
+    eval_every: int = Field(0, ge=0, description="Preference evaluation every N steps (0: only at start and end).")
+    pairs_per_step: int = Field(16, ge=1, description="Offline: pairs per optimizer step (the data order is "
+                                "seeded and resumable, like prompts).")
+    dpo_ties: Literal["drop", "as_preference"] = Field(
+        "drop", description="What `dpo` does with tied pairs: drop them, or train them as preferences in their "
+        "stored order (what the TODO paper's DPO baseline did with its mixed files).")
+    pairing: Literal["priority", "random"] = Field(
+        "priority", description="Online: which candidate pairs of a group are used. `priority`: correct-vs-incorrect "
+        "first, then shorter-vs-longer correct, then ties (random within a kind); `random`: uniform over all.")
+    pairs_per_group: int = Field(4, ge=0, description="Online: pairs taken per rollout group (0: every candidate).")
+    tie_length_ratio: float = Field(1.25, ge=1, description="Online: two correct (or two incorrect) responses are a "
+                                    "tie when longer/shorter token length <= this; two correct ones further apart "
+                                    "make a pair preferring the shorter.")
+    incorrect_ties: bool = Field(True, description="Online: also tie two incorrect responses of similar length.")
+
+
 class AlgorithmConfig(Section):
-    name: Literal["grpo"] = Field("grpo", description="Learner algorithm.")
-    scale_by_std: bool = Field(True, description="Divide group advantages by the group std (False: Dr.GRPO).")
+    name: Literal["grpo", "fgo", "todo", "dpo"] = Field(
+        "grpo", description="Learner algorithm: `grpo` (group-normalised rewards), `fgo` (fine-grained group "
+        "optimization, see `fgo`), `todo` (ternary-preference DPO, see `todo`) or `dpo` (plain DPO, same path).")
+    scale_by_std: Optional[bool] = Field(
+        None, description="Divide group advantages by the group std. Default (null): true for grpo, false for fgo "
+        "(the FGO poster's Dr.GRPO form; true is the released FGO code's form). false with grpo is Dr.GRPO.")
+    fgo: FGOConfig = Field(default_factory=FGOConfig, description="FGO parameters (used when name is fgo); FGO's "
+                           "correct/incorrect split is the score of `reward.accuracy` (> 0.5 = correct).")
+    todo: TodoConfig = Field(default_factory=TodoConfig, description="TODO/DPO parameters and preference data "
+                             "(used when name is todo or dpo); the policy's frozen reference is the start model.")
     clip_low: float = Field(0.2, ge=0, description="PPO ratio lower clip: 1 - clip_low.")
     clip_high: float = Field(0.28, ge=0, description="PPO ratio upper clip: 1 + clip_high (clip-higher, DAPO).")
     kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty to the frozen reference (0: no reference model).")
@@ -127,6 +181,12 @@ class AlgorithmConfig(Section):
         "token-mean", description="How per-token losses are reduced; always over the whole step batch.")
     num_iterations: int = Field(1, ge=1, description="Passes over each rollout batch (>1 needs old log-probs).")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass; the rollout batch is split evenly.")
+
+    @model_validator(mode="after")
+    def _default_std_scaling(self):
+        if self.scale_by_std is None:  # resolved here so the dumped run config says what was used
+            object.__setattr__(self, "scale_by_std", self.name != "fgo")
+        return self
 
 
 class LearnerConfig(Section):
@@ -154,7 +214,35 @@ class TrainerConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep.")
     eval_at_start: bool = Field(True, description="Held-out accuracy before training.")
     eval_at_end: bool = Field(True, description="Held-out accuracy after training.")
-    eval_greedy: bool = Field(True, description="Greedy decoding for the held-out evaluation.")
+    eval_greedy: bool = Field(True, description="Greedy decoding for the held-out evaluation and the benchmark "
+                              "eval (false: sampled at rollout.temperature).")
+    eval_every: int = Field(0, ge=0, description="Benchmark eval every N steps through the `reasonrl eval` code "
+                            "(rollout workers, math_verify), logged as `eval/<benchmark>/<metric>` in the step's "
+                            "metrics; samples in <output_dir>/eval/step-N/ (0: never).")
+    eval_benchmarks: list[str] = Field(default_factory=lambda: ["math500"], description="Benchmarks for eval_every: "
+                                       "names (math500, aime24, aime25, amc23, minerva, gsm8k), JSONL files or hub ids.")
+    eval_limit: Optional[int] = Field(50, ge=1, description="First N problems of each eval benchmark (null: all).")
+    eval_samples: int = Field(1, ge=1, description="Responses per problem in the benchmark eval (avg@k, pass@k); "
+                              ">1 needs eval_greedy=false.")
+    eval_data_dir: Optional[str] = Field(None, description="Folder of local benchmark JSONL files (id/problem/answer); "
+                                         "null: $REASONRL_DATA_DIR, else the hub datasets.")
+
+    @field_validator("eval_benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, names: list[str]) -> list[str]:
+        from eval.benchmarks import parse_benchmarks
+
+        return parse_benchmarks(names)
+
+    @model_validator(mode="after")
+    def _sampled_when_several(self):
+        if self.eval_samples > 1 and self.eval_greedy:
+            raise ValueError(f"eval_samples: {self.eval_samples} greedy responses would be identical; set "
+                             "trainer.eval_greedy=false to sample them")
+        return self
+    watchdog_seconds: Optional[float] = Field(
+        1800.0, gt=0, description="A role (rollout/reward worker, learner rank) whose call makes no progress for "
+        "this long is reported stuck: its Python stack is dumped and the run fails instead of hanging (null: off).")
 
 
 class LoggingConfig(Section):
@@ -162,6 +250,42 @@ class LoggingConfig(Section):
     progress: bool = Field(True, description="Progress bar with the key numbers.")
     plots: bool = Field(True, description="PNG curves in the run folder at the end.")
     sample_every: int = Field(10, ge=0, description="Log one example completion every N steps (0: never).")
+
+
+class RolePlacement(Section):
+    num_cpus: float = Field(0, ge=0, description="Logical CPUs reserved per actor of this role (0: none; threads "
+                            "are set explicitly, so a 2-core laptop fits every role).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. "
+                                        "{node_b: 0.01} to pin the role to nodes started with --resources "
+                                        "'{\"node_b\": 1}'.")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy over this role's actors (one bundle each): PACK fills few "
+        "nodes, SPREAD spreads them; STRICT_* fail instead of bending.")
+
+
+class PlacementConfig(Section):
+    """Where actors go (rl/placement.py). A role whose bundle would be empty (no CPUs, GPUs or custom resources)
+    is scheduled without a placement group, as on one machine."""
+    rollout: RolePlacement = Field(default_factory=RolePlacement, description="Each rollout worker "
+                                   "(count and GPUs: rollout.num_workers / rollout.num_gpus).")
+    reward: RolePlacement = Field(default_factory=RolePlacement, description="Each reward worker (count: "
+                                  "reward.num_workers).")
+    learner: RolePlacement = Field(default_factory=RolePlacement, description="Each learner rank (count and "
+                                   "GPUs: learner.num_ranks / learner.num_gpus_per_rank).")
+    colocate: bool = Field(False, description="Rollout worker i shares learner rank i % num_ranks's bundle (same "
+                           "node, same devices); off: the roles are placed independently.")
+    max_restarts: int = Field(3, ge=0, description="How often Ray recreates a dead rollout or reward worker; its "
+                              "unfinished requests are re-issued and the step completes. A dead learner rank "
+                              "always stops the run (resume from the last checkpoint).")
+
+
+class WeightSyncConfig(Section):
+    mode: Literal["object_store", "collective"] = Field(
+        "object_store", description="How new weights reach rollout workers: `object_store` (numpy arrays through "
+        "Ray's object store; best on one node) or `collective` (torch.distributed broadcast from learner rank 0 "
+        "to every rollout worker, gloo on CPU / NCCL on GPU; for workers on other nodes).")
+    bucket_mb: float = Field(64.0, gt=0, description="Collective mode: parameters are flattened into buckets of "
+                             "at most this size, one broadcast each.")
 
 
 class RayConfig(Section):
@@ -181,6 +305,10 @@ class Config(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Resources and placement "
+                                       "groups per role (rl/placement.py), and worker restarts.")
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="How learner weights "
+                                          "reach the rollout workers (rl/weight_sync.py).")
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self):

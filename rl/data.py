@@ -111,7 +111,7 @@ def _seed(seed: int) -> int:
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def _load_dataset(source: str, split: str):
+def _load_dataset(source: str, split: str, config: str | None = None):
     import datasets
 
     fmt = _FILE_FORMATS.get(Path(source).suffix.lower())
@@ -126,7 +126,7 @@ def _load_dataset(source: str, split: str):
         except Exception as e:
             raise DataError(f"could not read data file {source!r}: {type(e).__name__}: {e}") from e
     try:
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, config, split=split)
     except Exception as e:
         raise DataError(f"could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {e}") from e
 
@@ -141,8 +141,9 @@ def _answer_text(value: Any) -> str | None:
 
 
 def load_rows(source: str, split: str = "train", problem_key: str = "problem", answer_key: str = "answer",
-              arith: dict | None = None) -> tuple[list[dict], dict]:
-    """Load and normalise rows from `arith`, a .jsonl/.json/.parquet file or a `datasets` hub name.
+              arith: dict | None = None, config: str | None = None) -> tuple[list[dict], dict]:
+    """Load and normalise rows from `arith`, a .jsonl/.json/.parquet file or a `datasets` hub name (`config`: the
+    hub dataset's configuration name, e.g. gsm8k's `main`).
 
     Returns (rows, stats); rows are `{"id", "problem", "answer", **other columns}` and stats counts the
     kept rows and the rows skipped for a missing/blank problem or answer.
@@ -158,7 +159,7 @@ def load_rows(source: str, split: str = "train", problem_key: str = "problem", a
             raise DataError(f"dataset 'arith' has no usable rows in split {split!r} (num_{split} is 0)")
         return rows, {"rows": len(rows), "skipped_no_answer": 0, "skipped_no_problem": 0}
 
-    ds = _load_dataset(source, split)
+    ds = _load_dataset(source, split, config)
     records: list[dict] = []
     if ds is not None:
         columns = list(ds.column_names)

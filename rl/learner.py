@@ -15,10 +15,11 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from rl.algorithms import policy_loss
+from rl.algorithms import policy_loss, preference_correct, preference_margin
 from rl.batch import pad_pairs, pad_values, response_logprobs, split_bounds, to_device
 from rl.config import AlgorithmConfig, LearnerConfig
 from rl.models import load_policy, load_tokenizer
+from rl.preference import pair_batch, pair_losses, summed_logps
 
 
 def deepspeed_config(cfg: LearnerConfig, world_size: int, dtype: str) -> dict:
@@ -54,6 +55,20 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+def _weights_only_loads(engine) -> None:
+    """Security default: DeepSpeed's checkpoint engine unpickles with weights_only=False (arbitrary code in a
+    crafted file runs); ours reads tensors and plain containers only. The HF model folder is safetensors."""
+    def load(path, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
 class LearnerRank:
     def __init__(self, rank: int, world_size: int, model_path: str, learner: dict, algorithm: dict,
                  dtype: str, temperature: float, seed: int, num_threads: int | None = None):
@@ -79,6 +94,11 @@ class LearnerRank:
         import deepspeed
 
         use_cuda = self.cfg.num_gpus_per_rank > 0  # from the config, matching DS_ACCELERATOR set by rl.cluster
+        if not use_cuda:
+            # DeepSpeed JIT-builds a shared-memory all-reduce op for CPU ranks here (40 s; minutes on a loaded
+            # machine, and again whenever processes with other build flags used the cache last). Only its
+            # inference_all_reduce uses it, never training, so the build is skipped.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
         torch.manual_seed(self.seed)
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
@@ -91,7 +111,7 @@ class LearnerRank:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(self.cfg, self.world_size, self.dtype))
         self.ref = None
-        if self.algo.kl_coef > 0:
+        if self.algo.kl_coef > 0 or self.algo.name in ("todo", "dpo"):  # TODO/DPO: reference = start model
             self.ref = load_policy(self.model_path, self.dtype, self.device).eval().requires_grad_(False)
         return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}
 
@@ -145,8 +165,12 @@ class LearnerRank:
                     totals["loss"] += float(loss.detach()) * weight
                     for k in ("clipped_tokens", "kl_sum", "ratio_sum", "tokens"):
                         totals[k] += float(stats[k]) * weight
+                # ZeRO-1/2/3 optimizers record the global norm; at stage 0 DeepSpeed records none, so take it from
+                # the (already all-reduced) gradients before the step consumes them.
+                own = _grad_norm(self.engine.module) if self.cfg.zero_stage == 0 else None
                 self.engine.step()
                 norm = self.engine.get_global_grad_norm()
+                norm = own if norm is None else norm
                 totals["grad_norm"] += float(norm) if norm is not None else 0.0
                 totals["optimizer_steps"] += 1
         totals["lr"] = float(self.engine.get_lr()[0])
@@ -160,6 +184,64 @@ class LearnerRank:
             lp = response_logprobs(self.ref, self._micro(chunk), self.temperature).cpu()
             for i, seq in enumerate(chunk):
                 seq["ref_logprobs"] = lp[i, :len(seq["response_ids"])].tolist()
+
+    # ------------------------------------------------------------------------------ preference pairs (TODO / DPO)
+    def train_preference(self, shard: list[dict], plan: dict) -> dict:
+        """One optimizer step on preference pairs {prompt_ids, chosen_ids, rejected_ids, tie, weight}.
+
+        plan: {num_pairs (whole batch, all ranks), num_micro (same on every rank)}. Loss = sum of per-pair losses
+        / num_pairs, so micro-batching and the number of ranks do not change it (as for policy_loss).
+        """
+        self.engine.train()
+        t = self.algo.todo
+        totals = {"loss": 0.0, "mu_sum": 0.0, "chosen_reward_sum": 0.0, "rejected_reward_sum": 0.0,
+                  "tobt_correct": 0.0, "sign_correct": 0.0, "ties": 0.0, "pairs": 0.0}
+        chunks = [shard[a:b] for a, b in split_bounds(len(shard), plan["num_micro"])]
+        for i, chunk in enumerate(chunks):
+            pairs = chunk or shard[:1]  # same number of forward/backward passes on every rank (ZeRO collectives)
+            w = torch.tensor([p.get("weight", 1.0) if chunk else 0.0 for p in pairs], device=self.device)
+            tie = torch.tensor([bool(p["tie"]) for p in pairs], device=self.device)
+            batch = to_device(pair_batch(pairs, self.tokenizer.pad_token_id), self.device)
+            with torch.no_grad():
+                rc, rr = summed_logps(self.ref, batch)
+            self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+            pc, pr = summed_logps(self.engine, batch)
+            losses = pair_losses(self.algo.name, pc, pr, rc, rr, tie, t.beta, t.alpha)
+            loss = (losses * w).sum() / max(1, plan["num_pairs"])
+            self.engine.backward(loss * self.world_size)  # DeepSpeed averages over ranks; undo it
+            with torch.no_grad():
+                mu = preference_margin(pc, pr, rc, rr, t.beta)
+                right = preference_correct(mu, tie, t.alpha)
+                pref = (~tie).float() * w
+                totals["loss"] += float(loss)
+                totals["mu_sum"] += float((mu * w).sum())
+                totals["chosen_reward_sum"] += float((t.beta * (pc - rc) * w).sum())
+                totals["rejected_reward_sum"] += float((t.beta * (pr - rr) * w).sum())
+                totals["tobt_correct"] += float((right["tobt"].float() * w).sum())
+                totals["sign_correct"] += float((right["sign"].float() * pref).sum())
+                totals["ties"] += float((tie.float() * w).sum())
+                totals["pairs"] += float(w.sum())
+        own = _grad_norm(self.engine.module) if self.cfg.zero_stage == 0 else None  # stage 0 records no norm
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = own if norm is None else norm
+        totals["grad_norm"] = float(norm) if norm is not None else 0.0
+        totals["lr"] = float(self.engine.get_lr()[0])
+        return totals
+
+    @torch.no_grad()
+    def preference_logps(self, shard: list[dict], num_micro: int) -> list[list[float]]:
+        """[policy_chosen, policy_rejected, ref_chosen, ref_rejected] summed log-probs per pair of `shard`."""
+        self.engine.eval()
+        out = []
+        for a, b in split_bounds(len(shard), num_micro):
+            pairs = shard[a:b] or shard[:1]  # stand-in keeps the ZeRO-3 gathers in step; its result is dropped
+            batch = to_device(pair_batch(pairs, self.tokenizer.pad_token_id), self.device)
+            pc, pr = summed_logps(self.engine, batch)
+            rc, rr = summed_logps(self.ref, batch)
+            if b > a:
+                out.extend(torch.stack([pc, pr, rc, rr], 1).cpu().tolist())
+        return out
 
     @torch.no_grad()
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
@@ -195,6 +277,23 @@ class LearnerRank:
             return {n: p.detach().numpy() if view_ok else p.detach().to("cpu", torch.float32).numpy().copy()
                     for n, p in params}
 
+    def weight_manifest(self) -> list[tuple[str, tuple]]:
+        """(name, full shape) of every parameter in broadcast order (ZeRO-3 shapes without gathering)."""
+        return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.engine.module.named_parameters()]
+
+    def join_weight_sync(self, rank: int, *args) -> None:
+        """Rank 0 becomes member 0 (the source) of the collective weight-sync group (rl.weight_sync)."""
+        from rl.weight_sync import Endpoint
+
+        self._sync = None
+        self._sync = Endpoint(*args[:2], rank, *args[2:])
+
+    def broadcast_weights(self) -> float | None:
+        """All ranks take part (ZeRO-3 gathers are collective); rank 0 broadcasts and returns the sum it sent."""
+        ctx, params = self._full_params()
+        with ctx:
+            return self._sync.send(params) if self.rank == 0 else None
+
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed state (all ranks) and an HF-format model folder (rank 0) under `path`."""
         self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state")
@@ -206,6 +305,7 @@ class LearnerRank:
                 self.tokenizer.save_pretrained(os.path.join(path, "model"))
 
     def load_checkpoint(self, path: str) -> None:
+        _weights_only_loads(self.engine)
         load_path, _ = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
         if load_path is None:
             raise RuntimeError(f"no DeepSpeed state under {path}")

@@ -26,6 +26,9 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
     batch_size: int = 64
+    # Per-token log-probs and entropies need every step's [B, V] logits kept until the end (GBs at long budgets);
+    # evaluation only needs the tokens, so it switches them off (logprobs come back empty, entropy_sum 0).
+    logprobs: bool = True
 
 
 class RolloutWorker:
@@ -59,9 +62,35 @@ class RolloutWorker:
         self.weights_version = version
         return version
 
+    def join_weight_sync(self, rank: int, *args) -> None:
+        """Become member `rank` of the collective weight-sync group (rl.weight_sync, `weight_sync.mode: collective`)."""
+        from rl.weight_sync import Endpoint
+
+        self._sync = None  # a rebuilt group replaces the old one
+        self._sync = Endpoint(*args[:2], rank, *args[2:])
+        self._sync.check(list(self.model.named_parameters()))
+
+    def receive_weights(self, version: int) -> float:
+        """Receive learner rank 0's broadcast; returns the sum of what arrived (checked by the driver)."""
+        if getattr(self, "_sync", None) is None:
+            from rl.watchdog import StaleWeightsError
+
+            raise StaleWeightsError("rollout worker is not in the weight-sync group (recreated?)")
+        total = self._sync.receive(list(self.model.named_parameters()))
+        self.weights_version = version
+        return total
+
     @torch.no_grad()
-    def generate(self, prompts: list[str], params: SamplingParams, seed: int) -> dict:
-        """Sample `params.n` responses per prompt; samples of one prompt are contiguous in the output."""
+    def generate(self, prompts: list[str], params: SamplingParams, seed: int, expect_version: int | None = None) -> dict:
+        """Sample `params.n` responses per prompt; samples of one prompt are contiguous in the output.
+
+        `expect_version`: the weights version the driver last synced; a worker Ray recreated in between still
+        holds the initial weights and refuses (StaleWeightsError), so the driver resyncs it and asks again."""
+        if expect_version is not None and expect_version != self.weights_version:
+            from rl.watchdog import StaleWeightsError
+
+            raise StaleWeightsError(f"rollout worker holds weights version {self.weights_version}, "
+                                    f"expected {expect_version} (restarted?)")
         torch.manual_seed(seed)  # one seed per (step, worker): resumed runs sample the same tokens
         expanded = [p for p in prompts for _ in range(params.n)]
         out = {"prompt_ids": [], "response_ids": [], "logprobs": [], "entropy_sum": [], "finish_reason": [],
@@ -79,12 +108,13 @@ class RolloutWorker:
         temperature = 1.0 if params.greedy else params.temperature
         # Per-step log-prob of the sampled token and entropy, from the raw logits at the sampling temperature.
         steps_lp, steps_ent = [], []
-        for t, logits in enumerate(res.logits):  # one [B, V] tensor per step: never a [B, T, V] copy
+        for t, logits in enumerate(res.logits or ()):  # one [B, V] tensor per step: never a [B, T, V] copy
             step_logits = logits.unsqueeze(1)
             steps_lp.append(token_logprobs(step_logits, new_tokens[:, t:t + 1], temperature).squeeze(1))
             steps_ent.append(entropy_from_logits(step_logits, temperature).squeeze(1))
-        lp = torch.stack(steps_lp, 1).cpu()
-        ent = torch.stack(steps_ent, 1).cpu()
+        zeros = torch.zeros(new_tokens.shape[0], 0)
+        lp = torch.stack(steps_lp, 1).cpu() if steps_lp else zeros
+        ent = torch.stack(steps_ent, 1).cpu() if steps_ent else zeros
         mask = enc["attention_mask"].cpu().bool()
         ids = enc["input_ids"].cpu()
         for i in range(len(prompts)):
@@ -112,7 +142,7 @@ def generation_config(params: SamplingParams, tok):
         do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
     return GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, repetition_penalty=1.0,
-                            no_repeat_ngram_size=0, typical_p=1.0, min_p=None, output_logits=True,
+                            no_repeat_ngram_size=0, typical_p=1.0, min_p=None, output_logits=params.logprobs,
                             return_dict_in_generate=True, **sampling)
 
 

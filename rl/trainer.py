@@ -11,12 +11,15 @@ import torch
 
 from rewards.isolation import weighted_total
 from rl import checkpoint
-from rl.algorithms import grpo_advantages, zero_advantage_groups
+from rl.algorithms import (fgo_advantages, fgo_rewards, fgo_weight_spread, grpo_advantages, sampled_token_entropy,
+                           zero_advantage_groups)
+from rl.batch import pad_values
 from rl.cluster import LearnerGroup, RewardGroup, RolloutGroup, init_ray, shutdown
 from rl.config import Config, ConfigError, dump_config
 from rl.data import PromptSampler, filter_long_prompts, load_rows, render_prompt
 from rl.metrics import MetricsLogger, plot_curves, summarize
 from rl.models import load_tokenizer, resolve_model
+from rl.placement import Placement, node_map
 from rl.rollout import SamplingParams
 
 log = logging.getLogger("reasonrl")
@@ -44,13 +47,15 @@ def reward_columns(cfg: Config, rows: list[dict], rollout: dict, group_size: int
     columns.setdefault(cfg.data.answer_key, columns["answer"])
     columns["completion_ids"] = rollout["response_ids"]
     columns["completion_tokens"] = [len(r) for r in rollout["response_ids"]]
+    columns["finish_reason"] = rollout["finish_reason"]  # "stop" (EOS) or "length" (truncated)
+    columns["group_id"] = [g for g in range(len(rows)) for _ in range(group_size)]  # samples of one prompt
     return columns
 
 
 def score(rewards: RewardGroup, cfg: Config, rows: list[dict], rollout: dict, group_size: int):
     """Weighted total reward per sample, accuracy per sample, and the raw per-function result."""
     prompts = [r["prompt"] for r in rows for _ in range(group_size)]
-    result = rewards.score(prompts, rollout["text"], reward_columns(cfg, rows, rollout, group_size))
+    result = rewards.score(prompts, rollout["text"], reward_columns(cfg, rows, rollout, group_size), group_size)
     total = weighted_total(result, {f.fn: f.weight for f in cfg.reward.functions})
     correct = [float(s > 0.5) for s in result.scores[cfg.reward.accuracy]]
     return total, correct, result
@@ -60,6 +65,36 @@ def sampling_params(cfg: Config, n: int, greedy: bool = False) -> SamplingParams
     r = cfg.rollout
     return SamplingParams(n=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                           top_k=r.top_k, greedy=greedy, batch_size=r.generate_batch_size)
+
+
+def compute_advantages(cfg: Config, total: list[float], correct: list[float], rollout: dict) -> tuple[torch.Tensor, dict]:
+    """Per-sample advantages for the configured algorithm, plus its diagnostics for the step's metrics.
+
+    grpo: from the weighted total reward. fgo: from correctness (`reward.accuracy`) reweighted by length and entropy
+    inside each correct / incorrect subgroup; the other reward terms do not enter.
+    """
+    a, G = cfg.algorithm, cfg.rollout.group_size
+    if a.name == "grpo":
+        return grpo_advantages(torch.tensor(total), G, scale_by_std=a.scale_by_std), {}
+    ok = torch.tensor(correct) > 0.5
+    lengths = torch.tensor([len(r) for r in rollout["response_ids"]], dtype=torch.float64)
+    entropies = fgo_entropies(rollout, a.fgo.entropy)
+    adv = fgo_advantages(ok, lengths, entropies, G, a.fgo.alpha, a.fgo.beta, scale_by_std=a.scale_by_std)
+    weights = fgo_rewards(ok, lengths, entropies, G, a.fgo.alpha, a.fgo.beta)
+    # What GRPO would have wasted on the very same rollouts: groups whose +-1 rewards are all equal.
+    grpo_zero = zero_advantage_groups(grpo_advantages(ok.float(), G), G).float().mean()
+    return adv, {"fgo_entropy": float(entropies.mean()), "fgo_weight_spread": fgo_weight_spread(weights, ok, G),
+                 "zero_adv_groups_grpo": float(grpo_zero)}
+
+
+def fgo_entropies(rollout: dict, kind: str) -> torch.Tensor:
+    """H_i per response from what the rollout measured at generation time (no second forward pass)."""
+    if kind == "mean_token_entropy":
+        return torch.tensor([s / max(1, len(r)) for s, r in zip(rollout["entropy_sum"], rollout["response_ids"])],
+                            dtype=torch.float64)
+    lp = rollout["logprobs"]
+    width = max(1, max(len(x) for x in lp))
+    return sampled_token_entropy(pad_values(lp, width).double(), pad_values([[1.0] * len(x) for x in lp], width))
 
 
 def step_metrics(rollout: dict, total: list[float], correct: list[float], advantages: torch.Tensor, stats: dict,
@@ -74,6 +109,8 @@ def step_metrics(rollout: dict, total: list[float], correct: list[float], advant
         "kl": stats["kl_sum"] / max(1.0, stats["tokens"]),
         "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
         "zero_adv_groups": float(zero_advantage_groups(advantages, group_size).float().mean()),
+        "tokens_correct_mean": _mean([t for t, c in zip(tokens, correct) if c > 0.5]),
+        "tokens_incorrect_mean": _mean([t for t, c in zip(tokens, correct) if c <= 0.5]),
         "grad_norm": stats["grad_norm"], "lr": stats["lr"],
         "reward_failures": sum(reward_result.failures.values()),
         "reward_timeouts": sum(reward_result.timeouts.values()),
@@ -83,14 +120,20 @@ def step_metrics(rollout: dict, total: list[float], correct: list[float], advant
     return row
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")  # NaN is logged as null: "no such response this step"
+
+
 def evaluate(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, rows: list[dict], step: int) -> dict:
     """Held-out accuracy: one response per problem (greedy by default), scored by the training verifier."""
     params = sampling_params(cfg, n=1, greedy=cfg.trainer.eval_greedy)
     out = rollouts.generate([r["prompt"] for r in rows], params, seed=cfg.trainer.seed + 7919 * (step + 1))
     _, correct, _ = score(rewards, cfg, rows, out, 1)
     tokens = [len(r) for r in out["response_ids"]]
+    # Per-problem outcomes travel with the summary (into events.jsonl) so intervals can be computed afterwards.
     return {"step": step, "accuracy": sum(correct) / len(correct), "n": len(correct),
-            "response_tokens_mean": sum(tokens) / len(tokens)}
+            "response_tokens_mean": sum(tokens) / len(tokens), "correct": correct, "tokens": tokens,
+            "ids": [r["id"] for r in rows]}
 
 
 def prepare_output_dir(cfg: Config, resume: bool) -> Path:
@@ -110,6 +153,12 @@ def prepare_output_dir(cfg: Config, resume: bool) -> Path:
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
+    if cfg.algorithm.name in ("todo", "dpo"):
+        from rl.preference_trainer import check_config, train_offline
+
+        check_config(cfg)  # preference data read and checked before any actor starts
+        if not cfg.algorithm.todo.online:
+            return train_offline(cfg, resume)  # pairs from a file: its own loop
     out_dir = prepare_output_dir(cfg, resume)
     model_path = resolve_model(cfg.model.path, cfg.model.cache_dir)
     tokenizer = load_tokenizer(model_path)
@@ -122,6 +171,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
         eval_rows = prepare_prompts(cfg, tokenizer, eval_source, eval_split)[0][:cfg.data.eval_size]
     sampler = PromptSampler(train_rows, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
     log.info("train rows %s", train_stats)
+    from eval.in_training import BenchmarkEval
+
+    bench_eval = BenchmarkEval.from_config(cfg, tokenizer)  # trainer.eval_every: benchmarks are read before Ray
 
     last_ckpt = checkpoint.latest(out_dir) if resume else None
     if resume:  # checked before any actor starts
@@ -134,18 +186,20 @@ def train(cfg: Config, resume: bool = False) -> dict:
     (out_dir / "config.yaml").write_text(dump_config(cfg))
 
     init_ray(cfg)
+    placement = Placement(cfg)  # fails, naming the role, if the cluster cannot hold the run; before any actor
     groups: list = []
     try:  # groups are appended as they start, so a failure half-way still kills what did start
-        groups.append(RolloutGroup(cfg, model_path))
-        groups.append(RewardGroup(cfg))
-        groups.append(LearnerGroup(cfg, model_path))
-        return run_loop(cfg, *groups, sampler, eval_rows, last_ckpt)
+        groups.append(RolloutGroup(cfg, model_path, placement))
+        groups.append(RewardGroup(cfg, placement))
+        groups.append(LearnerGroup(cfg, model_path, placement))
+        return run_loop(cfg, *groups, sampler, eval_rows, last_ckpt, bench_eval)
     finally:
-        shutdown(*groups)
+        shutdown(*groups, bench_eval)  # bench_eval's verifier worker, if it started one
+        placement.remove()
 
 
 def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner: LearnerGroup,
-             sampler: PromptSampler, eval_rows: list[dict], last_ckpt: Path | None) -> dict:
+             sampler: PromptSampler, eval_rows: list[dict], last_ckpt: Path | None, bench_eval=None) -> dict:
     out_dir = Path(cfg.trainer.output_dir)
     start_step = 0
     if last_ckpt is not None:
@@ -153,26 +207,32 @@ def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner:
         learner.load(str(last_ckpt))
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
-        rollouts.load_weights(learner.weights(), start_step)
+        rollouts.sync_weights(learner, start_step)
         log.info("resumed from %s at step %d", last_ckpt, start_step)
 
     summary = {"start_step": start_step}
     with MetricsLogger(str(out_dir), tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                        total_steps=cfg.trainer.max_steps, start_step=start_step) as metrics:
         metrics.log_event("actors", {"step": start_step, "rollout": rollouts.nodes(), "reward": rewards.nodes(),
-                                     "learner": learner.nodes()})
+                                     "learner": learner.nodes(), "nodes": node_map()})
         if eval_rows and cfg.trainer.eval_at_start and start_step == 0:
             summary["eval_start"] = log_eval(metrics, "start", evaluate(cfg, rollouts, rewards, eval_rows, 0))
 
         saved_step = start_step
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t0 = time.perf_counter()
-            row = train_step(cfg, step, sampler.next_batch(cfg.rollout.prompts_per_step), rollouts, rewards,
-                             learner, metrics)
+            rows = sampler.next_batch(cfg.rollout.prompts_per_step)
+            # Which prompts each step trained on: a resumed run must neither replay nor skip any (tested).
+            metrics.log_event("prompts", {"step": step, "ids": [r["id"] for r in rows]})
+            row = step_function(cfg)(cfg, step, rows, rollouts, rewards, learner, metrics)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 row["time_checkpoint"] = save(cfg, learner, sampler, step)
                 saved_step = step
             row["time_step"] = time.perf_counter() - t0
+            if bench_eval is not None and bench_eval.due(step):  # eval/<benchmark>/... beside the step's metrics
+                t_eval = time.perf_counter()
+                row.update(bench_eval.run(step, rollouts, metrics))
+                row["time_eval"] = time.perf_counter() - t_eval
             metrics.log(step, row)
 
         if saved_step != cfg.trainer.max_steps and cfg.trainer.max_steps > start_step:
@@ -197,14 +257,14 @@ def train_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup,
                                 seed=cfg.trainer.seed * 100003 + step)
     t1 = time.perf_counter()
     total, correct, reward_result = score(rewards, cfg, rows, rollout, G)
-    advantages = grpo_advantages(torch.tensor(total), G, scale_by_std=cfg.algorithm.scale_by_std)
+    advantages, algo_stats = compute_advantages(cfg, total, correct, rollout)
     t2 = time.perf_counter()
     sequences = [{"prompt_ids": p, "response_ids": r, "old_logprobs": lp, "advantage": float(a)}
                  for p, r, lp, a in zip(rollout["prompt_ids"], rollout["response_ids"], rollout["logprobs"],
                                         advantages)]
     stats = learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens)
     t3 = time.perf_counter()
-    rollouts.load_weights(learner.weights(), step)
+    rollouts.sync_weights(learner, step)
     t4 = time.perf_counter()
 
     if reward_result.errors:
@@ -213,8 +273,18 @@ def train_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup,
         metrics.log_event("sample", {"step": step, "prompt": rows[0]["prompt"], "completion": rollout["text"][0],
                                      "reward": total[0]})
     row = step_metrics(rollout, total, correct, advantages, stats, reward_result, G)
+    row.update(algo_stats)
     row.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_sync=t4 - t3)
     return row
+
+
+def step_function(cfg: Config):
+    """train_step, or online TODO/DPO's step (pairs from the verifier, rl/preference_trainer.py)."""
+    if cfg.algorithm.name in ("todo", "dpo"):
+        from rl.preference_trainer import online_step
+
+        return online_step
+    return train_step
 
 
 def log_eval(metrics: MetricsLogger, when: str, result: dict) -> dict:

@@ -97,3 +97,16 @@ def test_resume_refuses_another_seed_before_starting_anything(tmp_path, capsys):
     assert main(["train", "--resume", str(run), "trainer.seed=5"]) == 2
     assert "trainer.seed" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_fgo_defaults_and_std_scaling_resolution():
+    from rl.config import load_config
+
+    assert load_config(None, []).algorithm.scale_by_std is True  # GRPO
+    fgo = load_config(None, ["algorithm.name=fgo"]).algorithm
+    assert (fgo.scale_by_std, fgo.fgo.alpha, fgo.fgo.beta, fgo.fgo.entropy) == (False, 0.01, 1.0, "sampled_token_sum")
+    assert load_config(None, ["algorithm.name=fgo", "algorithm.scale_by_std=true"]).algorithm.scale_by_std is True
+    with pytest.raises(ConfigError, match="algorithm.fgo.entropy"):
+        load_config(None, ["algorithm.name=fgo", "algorithm.fgo.entropy=full"])
+    with pytest.raises(ConfigError, match=r"algorithm.fgo.alpah.*did you mean 'alpha'"):
+        load_config(None, ["algorithm.fgo.alpah=1"])

@@ -161,9 +161,9 @@ def test_zero3_with_reference_kl_and_several_updates_per_rollout(tmp_path):
     assert trained.model.embed_tokens.weight.shape == (49152, 64)  # gathered, not a ZeRO-3 shard
 
 
-def test_dead_worker_stops_cleanly_with_checkpoint_intact_then_resumes(tmp_path, capsys):
-    """A reward actor is SIGKILLed during step 2: exit code 3, one message, step 1's checkpoint loads, and
-    --resume finishes the run."""
+def test_dead_reward_worker_is_recreated_and_the_step_completes(tmp_path):
+    """A reward actor is SIGKILLed during step 2: Ray recreates it (placement.max_restarts), its unfinished chunk
+    is scored again on the new actor, and the run completes. (A dead learner rank stops the run: tests/test_cluster.py.)"""
     from launch.cli import main
 
     out = tmp_path / "run"
@@ -171,14 +171,7 @@ def test_dead_worker_stops_cleanly_with_checkpoint_intact_then_resumes(tmp_path,
               f"kwargs: {{counter: '{tmp_path / 'calls'}'}}}}]")
     args = ["train", str(ROOT / "configs/tiny.yaml"), f"trainer.output_dir={out}", killer,
             f"reward.accuracy={FIXTURE}:kill_worker_on_second_call", "trainer.eval_at_start=false",
-            "logging.progress=false"]
-    assert main(args) == 3
-    err = capsys.readouterr().err
-    assert "a worker died" in err and "step-000001" in err and f"--resume {out}" in err
-    assert [m["step"] for m in _metrics(out)] == [1]
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(out / "checkpoints/step-000001/model")
-    # The counter is past 2 now, so the same reward no longer kills: the resumed run completes.
-    assert main(["train", "--resume", str(out)]) == 0
+            "trainer.eval_at_end=false", "logging.progress=false"]
+    assert main(args) == 0
     assert [m["step"] for m in _metrics(out)] == [1, 2]
+    assert (tmp_path / "calls").read_text() == "3"  # step 1, step 2 (killed), step 2 again on the new worker

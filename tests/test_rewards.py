@@ -120,7 +120,7 @@ def test_resolve_file_path(tmp_path, monkeypatch):
 
 
 def test_resolve_errors(tmp_path):
-    with pytest.raises(RewardSpecError, match=r"unknown reward 'nope'.*boxed_format, exact_match, last_number, math_verify"):
+    with pytest.raises(RewardSpecError, match=r"unknown reward 'nope'; known names: boxed_format, .*kimi_length, .*math_verify, shorter_better"):
         resolve("nope")
     with pytest.raises(RewardSpecError, match="cannot import module 'no_such_module_xyz'"):
         resolve("no_such_module_xyz:fn")

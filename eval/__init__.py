@@ -1,0 +1,1 @@
+"""Evaluation of chain-of-thought compression: benchmarks, generation through the rollout workers, statistics."""

@@ -1,0 +1,359 @@
+"""`reasonrl eval`: generate on benchmarks through the training rollout workers, score with the training verifier.
+
+Why it is built from the training pieces rather than beside them (peers.md §5.10, §6): generation goes through
+rl.cluster.RolloutGroup (data-parallel over Ray workers, the same `generate` and sampling config as training), prompts
+through rl.data.render_prompt with the template of the run that produced the checkpoint (its config.yaml), and
+scoring through rl.cluster.RewardGroup with the `math_verify` reward (`rewards.resolve("math_verify")`, in an
+isolated child process with a time limit). Train-time and eval-time answer extraction are the same function.
+
+Output folder:
+  eval_config.json        model, prompt template, sampling settings, verifier, benchmark sources
+  samples/<bench>.jsonl   one line per response (problem id, completion, tokens, finish reason, extracted answer,
+                          correct); appended chunk by chunk, so an interrupted eval resumes where it stopped
+  metrics.json            per-benchmark metrics (eval.metrics.benchmark_metrics)
+  results.md              the same as a Markdown table
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from eval.benchmarks import data_dir_from, load_benchmark, slug
+from eval.metrics import benchmark_metrics, markdown_table
+from rl.config import Config, ConfigError, RewardConfig, RewardFunction, load_config
+from rl.data import render_prompt
+from rl.fsutil import write_atomic
+from rl.models import ModelError, load_tokenizer, resolve_model
+from rl.rollout import SamplingParams
+
+log = logging.getLogger("reasonrl.eval")
+
+VERIFIER = "math_verify"  # the training reward's registry name: the same function scores training and eval
+SETTINGS_FILE, METRICS_FILE, TABLE_FILE, SAMPLES_DIR = "eval_config.json", "metrics.json", "results.md", "samples"
+# Settings that change what a response is; a resumed eval must match them, or its samples would mix two setups.
+_MUST_MATCH = ("model", "system_prompt", "prompt_suffix", "samples", "greedy", "temperature", "top_p",
+               "max_new_tokens", "seed", "chunk_problems", "verifier")
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    samples: int = 1
+    greedy: bool = False
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    seed: int = 0
+    chunk_problems: int = 16  # problems per generate call (and per resume unit)
+    batch_size: int = 16  # sequences per `generate` inside a worker
+
+    def __post_init__(self):
+        if self.samples < 1 or self.max_new_tokens < 1 or self.chunk_problems < 1 or self.batch_size < 1:
+            raise ConfigError("--samples, --max-new-tokens, --chunk-problems and --batch-size must be >= 1")
+        if self.greedy and self.samples > 1:
+            raise ConfigError("--greedy gives the same response every time: use --samples 1, or sample "
+                              "(--temperature) for avg@k")
+        if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ConfigError(f"--temperature must be > 0 and --top-p in (0, 1], got {self.temperature}, "
+                              f"{self.top_p}")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(n=self.samples, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=0, greedy=self.greedy, batch_size=self.batch_size,
+                              logprobs=False)
+
+
+def chunk_seed(seed: int, benchmark: str, chunk: int) -> int:
+    """Sampling seed of one chunk: fixed by (seed, benchmark, chunk index), so a resumed eval samples the same."""
+    return (seed * 1_000_003 + zlib.crc32(benchmark.encode()) + 7919 * chunk) % (2**31 - 1)
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+def locate_model(spec: str) -> tuple[str, Path | None]:
+    """(model spec to resolve, the training run's config.yaml or None).
+
+    A run folder means its `checkpoint-final`; a checkpoint inside a run (`runs/x/checkpoint-final`,
+    `runs/x/checkpoints/step-N/model`) finds the run's config.yaml a few folders up (through the link, too).
+    """
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec, None
+    if (path / "config.yaml").is_file() and (path / "checkpoint-final").exists():
+        return str(path / "checkpoint-final"), path / "config.yaml"
+    for base in (path, path.resolve()):
+        for parent in list(base.parents)[:4]:
+            if (parent / "config.yaml").is_file() and ((parent / "checkpoints").is_dir()
+                                                       or (parent / "checkpoint-final").exists()):
+                return str(path), parent / "config.yaml"
+    return str(path), None
+
+
+def check_model(path: str) -> None:
+    """Fail with one line before any actor starts if the folder is not a loadable causal LM."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        load_tokenizer(path)
+    except Exception as err:
+        raise ModelError(f"model at {path!r} does not load: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
+        raise ModelError(f"model at {path!r} is not a causal LM (architectures: {config.architectures})")
+    if not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.bin")):
+        raise ModelError(f"model at {path!r} has no weights (*.safetensors / *.bin)")
+
+
+def eval_config(model_spec: str, run_config: Path | None, config_path: str | None, num_workers: int,
+                reward_workers: int, timeout: float | None) -> Config:
+    """The run's config (prompt template, dtype, Ray settings) with the eval's model, workers and verifier."""
+    if run_config is not None and config_path is not None:
+        raise ConfigError(f"--config: the model comes from a run whose {run_config} gives the prompt template; "
+                          "drop --config")
+    cfg = load_config(run_config or config_path, [])
+    cfg.model.path = model_spec
+    # One generate call covers a whole chunk at the eval budget (2048 tokens: tens of minutes on a CPU), which the
+    # training watchdog would report as stuck; an eval has no step rhythm to watch.
+    cfg.trainer.watchdog_seconds = None
+    cfg.rollout.num_workers = num_workers
+    cfg.reward = RewardConfig(functions=[RewardFunction(fn=VERIFIER)], accuracy=VERIFIER,
+                              num_workers=reward_workers, timeout_seconds=timeout)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ generation + scoring
+
+def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], params: SamplingParams, seed: int,
+                     benchmark: str) -> tuple[list[dict], dict]:
+    """Generate `params.n` responses per prompt on the rollout workers and score them with the verifier on the
+    reward workers. Returns (one record per response, verifier failure counts)."""
+    from rewards.math import last_boxed
+
+    k = params.n
+    out = rollouts.generate(prompts, params, seed)
+    expanded = [p for p in prompts for _ in range(k)]
+    columns = {"answer": [r["answer"] for r in rows for _ in range(k)],
+               "completion_ids": out["response_ids"],
+               "completion_tokens": [len(ids) for ids in out["response_ids"]],
+               "finish_reason": out["finish_reason"],
+               "group_id": [g for g in range(len(rows)) for _ in range(k)]}  # training's reward columns
+    result = rewards.score(expanded, out["text"], columns, group_size=k)
+    scores = result.scores[VERIFIER]
+    records = []
+    for i, text in enumerate(out["text"]):
+        row = rows[i // k]
+        records.append({"benchmark": benchmark, "problem_id": row["id"], "sample": i % k, "answer": row["answer"],
+                        "completion": text, "tokens": len(out["response_ids"][i]),
+                        "finish_reason": out["finish_reason"][i], "extracted": last_boxed(text),
+                        "correct": bool(scores[i] > 0.5), "score": float(scores[i])})
+    failures = {"verifier_failures": result.failures.get(VERIFIER, 0),
+                "verifier_timeouts": result.timeouts.get(VERIFIER, 0)}
+    if result.errors:
+        log.warning("verifier failures on %s: %s", benchmark, result.errors[:3])
+    return records, failures
+
+
+# -------------------------------------------------------------------------------------------- sample files
+
+def read_samples(path: Path) -> list[dict]:
+    """The records of a samples file; a last line cut off by a crash is dropped."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return out
+
+
+def complete_problems(records: list[dict], k: int, ids: list[str]) -> dict[str, list[dict]]:
+    """problem id -> its k records, for the problems of `ids` that have all k samples (others are redone)."""
+    by_id: dict[str, dict[int, dict]] = {}
+    for r in records:
+        by_id.setdefault(str(r["problem_id"]), {})[int(r["sample"])] = r
+    return {pid: [by_id[pid][s] for s in range(k)] for pid in ids
+            if pid in by_id and all(s in by_id[pid] for s in range(k))}
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_samples(path: Path, records: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_metrics(out: Path, metrics: dict[str, dict], extra: dict | None = None) -> str:
+    """metrics.json and results.md; returns the Markdown table."""
+    table = markdown_table(metrics)
+    write_atomic(out / METRICS_FILE, json.dumps({"benchmarks": metrics, **(extra or {})}, indent=2) + "\n")
+    write_atomic(out / TABLE_FILE, table)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ the eval
+
+def _check_resumable(out: Path, settings: dict, overwrite: bool) -> dict:
+    """The settings of the eval already in `out` ({} if none or moved aside); refuses one made differently."""
+    old_path = out / SETTINGS_FILE
+    if not old_path.is_file():
+        return {}
+    if overwrite:
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        log.warning("moved the previous eval in %s to %s", out, aside)
+        return {}
+    old = json.loads(old_path.read_text())
+    diff = [f"{k} ({old.get(k)!r} there, {settings.get(k)!r} now)" for k in _MUST_MATCH if old.get(k) != settings.get(k)]
+    if diff:
+        raise ConfigError(f"{out} holds an eval with other settings: {'; '.join(diff)}. Use another --out, or "
+                          "--overwrite to move it aside")
+    return old
+
+
+def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalSettings, *,
+             data_dir: str | None = None, limit: int | None = None, num_workers: int = 1, reward_workers: int = 1,
+             config_path: str | None = None, timeout: float | None = 30.0, overwrite: bool = False,
+             progress: bool = True) -> dict:
+    """Evaluate `model` on `benchmarks`; returns {benchmark: metrics}. Every input is checked before Ray starts."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    folder = data_dir_from(data_dir)
+    loaded = {}
+    for name in benchmarks:  # all of them first: a bad name or file fails before any generation
+        rows, stats = load_benchmark(name, folder, limit)
+        loaded[slug(name)] = (rows, stats)
+        if stats.get("skipped_no_answer") or stats.get("skipped_no_problem"):
+            log.warning("%s: skipped %d rows without an answer and %d without a problem", name,
+                        stats.get("skipped_no_answer", 0), stats.get("skipped_no_problem", 0))
+    spec, run_config = locate_model(model)
+    cfg = eval_config(spec, run_config, config_path, num_workers, reward_workers, timeout)
+    model_path = resolve_model(spec, cfg.model.cache_dir)
+    check_model(model_path)
+    tokenizer = load_tokenizer(model_path)
+
+    out = Path(out).resolve()
+    meta = {"model": model, "model_path": model_path, "run_config": str(run_config) if run_config else None,
+            "system_prompt": cfg.data.system_prompt, "prompt_suffix": cfg.data.prompt_suffix,
+            **dataclasses.asdict(settings), "verifier": VERIFIER, "limit": limit,
+            "benchmarks": {name: stats for name, (_, stats) in loaded.items()}}
+    old = _check_resumable(out, meta, overwrite)
+    meta["benchmarks"] = {**old.get("benchmarks", {}), **meta["benchmarks"]}  # earlier benchmarks stay listed
+    (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    write_atomic(out / SETTINGS_FILE, json.dumps(meta, indent=2) + "\n")
+
+    k, params = settings.samples, settings.sampling()
+    plan, done = {}, {}
+    for name, (rows, _) in loaded.items():
+        path = out / SAMPLES_DIR / f"{name}.jsonl"
+        existing = read_samples(path)
+        # Every complete problem stays in the file (a smaller --limit must not delete work); incomplete ones go.
+        complete = complete_problems(existing, k, list(dict.fromkeys(str(r["problem_id"]) for r in existing)))
+        write_samples(path, [rec for recs in complete.values() for rec in recs])
+        done[name] = {r["id"]: complete[r["id"]] for r in rows if r["id"] in complete}
+        prompts = [render_prompt(tokenizer, r["problem"], cfg.data.system_prompt, cfg.data.prompt_suffix) for r in rows]
+        plan[name] = [(ci, [(r, p) for r, p in zip(rows[a:a + settings.chunk_problems],
+                                                    prompts[a:a + settings.chunk_problems]) if r["id"] not in done[name]])
+                      for ci, a in enumerate(range(0, len(rows), settings.chunk_problems))]
+        if done[name]:
+            log.info("%s: %d of %d problems already in %s, resuming", name, len(done[name]), len(rows), path)
+
+    failures = {name: {"verifier_failures": 0, "verifier_timeouts": 0} for name in loaded}
+    if any(todo for chunks in plan.values() for _, todo in chunks):
+        _generate_all(cfg, model_path, out, loaded, plan, done, params, settings.seed, failures, progress)
+
+    metrics = {}
+    for name, (rows, stats) in loaded.items():
+        records = [rec for r in rows for rec in done[name][r["id"]]]
+        metrics[name] = dict(benchmark_metrics(records, seed=settings.seed),
+                             skipped_no_answer=stats.get("skipped_no_answer", 0), **failures[name])
+    table = write_metrics(out, metrics, {"model": model, "settings": dataclasses.asdict(settings)})
+    print(table, end="", flush=True)
+    return metrics
+
+
+def _generate_all(cfg, model_path, out, loaded, plan, done, params, seed, failures, progress) -> None:
+    import ray.exceptions
+    from tqdm import tqdm
+
+    from rl.cluster import RewardGroup, RolloutGroup, init_ray, shutdown
+
+    init_ray(cfg)
+    groups: list = []
+    try:
+        groups.append(RolloutGroup(cfg, model_path))
+        groups.append(RewardGroup(cfg))
+        try:  # constructor errors (a model that does not load in the worker) surface at the first call
+            for g in groups:
+                g.nodes()
+        except ray.exceptions.RayActorError as err:
+            raise ModelError(f"eval workers did not start: {str(err).splitlines()[0][:300]}") from err
+        for name, chunks in plan.items():
+            rows = loaded[name][0]
+            path = out / SAMPLES_DIR / f"{name}.jsonl"
+            correct = sum(r["correct"] for recs in done[name].values() for r in recs)
+            seen = len(done[name]) * params.n
+            bar = tqdm(total=len(rows), initial=len(done[name]), desc=name, unit="problem", file=sys.stderr,
+                       dynamic_ncols=True, disable=not progress)
+            for ci, todo in chunks:
+                if not todo:
+                    continue
+                records, fails = generate_records(groups[0], groups[1], [r for r, _ in todo], [p for _, p in todo],
+                                                  params, chunk_seed(seed, name, ci), name)
+                append_records(path, records)
+                for key, v in fails.items():
+                    failures[name][key] += v
+                for i, (r, _) in enumerate(todo):
+                    done[name][r["id"]] = records[i * params.n:(i + 1) * params.n]
+                correct += sum(r["correct"] for r in records)
+                seen += len(records)
+                bar.set_postfix(acc=f"{correct / max(1, seen):.3f}", refresh=False)
+                bar.update(len(todo))
+            bar.close()
+    finally:
+        shutdown(*groups)
+
+
+# ------------------------------------------------------------------------------------------------ re-scoring
+
+def rescore(out: str | Path, timeout: float | None = 30.0) -> dict:
+    """Re-verify every saved response of an eval folder (no generation) and rewrite its samples and metrics."""
+    from rewards.isolation import IsolatedRewards
+    from rewards.math import last_boxed
+
+    out = Path(out)
+    if not (out / SETTINGS_FILE).is_file():
+        raise FileNotFoundError(f"--rescore: {out} has no {SETTINGS_FILE} (not an eval folder)")
+    meta = json.loads((out / SETTINGS_FILE).read_text())
+    metrics = {}
+    with IsolatedRewards([(VERIFIER, {})], timeout, chunk_size=64) as verifier:
+        for name in meta["benchmarks"]:
+            path = out / SAMPLES_DIR / f"{name}.jsonl"
+            records = read_samples(path)
+            if not records:
+                continue
+            texts = [r["completion"] for r in records]
+            result = verifier.score([""] * len(texts), texts, {"answer": [r["answer"] for r in records]})
+            for r, s, text in zip(records, result.scores[VERIFIER], texts):
+                r.update(score=float(s), correct=bool(s > 0.5), extracted=last_boxed(text))
+            write_samples(path, records)
+            metrics[name] = dict(benchmark_metrics(records, seed=meta.get("seed", 0)),
+                                 verifier_failures=result.failures[VERIFIER], verifier_timeouts=result.timeouts[VERIFIER])
+    print(write_metrics(out, metrics, {"model": meta.get("model"), "rescored": True}), end="", flush=True)
+    return metrics

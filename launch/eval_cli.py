@@ -1,0 +1,79 @@
+"""`reasonrl eval` and `reasonrl compare` (logic in eval/runner.py and eval/compare.py).
+
+Heavy imports (Ray, torch, transformers) happen inside the handlers, so `reasonrl --help` stays fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _eval(args) -> int:
+    from eval.benchmarks import parse_benchmarks
+    from eval.runner import EvalSettings, rescore, run_eval
+
+    if args.rescore:
+        rescore(args.rescore, timeout=args.timeout)
+        return 0
+    if not args.model:
+        from rl.config import ConfigError
+
+        raise ConfigError("reasonrl eval needs --model (a run folder, checkpoint, HF folder, hub id, bundled:NAME or "
+                          "tiny:NAME), or --rescore OUT")
+    benchmarks = parse_benchmarks(args.benchmarks)
+    settings = EvalSettings(samples=args.samples, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, chunk_problems=args.chunk_problems,
+                            batch_size=args.batch_size)
+    out = args.out or str(Path("results") / Path(args.model.rstrip("/")).name.replace(":", "-"))
+    run_eval(args.model, benchmarks, out, settings, data_dir=args.data_dir, limit=args.limit,
+             num_workers=args.num_workers, reward_workers=args.reward_workers, config_path=args.config,
+             timeout=args.timeout, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"results in {Path(out).resolve()}")
+    return 0
+
+
+def _compare(args) -> int:
+    from eval.compare import compare
+
+    result = compare(args.a, args.b, args.out, confidence=args.confidence, n_boot=args.n_boot, seed=args.seed)
+    print((Path(result["out"]) / "compare.md").read_text(), end="")
+    print(f"results in {result['out']}")
+    return 0
+
+
+def add_eval_commands(sub) -> None:
+    ev = sub.add_parser("eval", help="accuracy and response length on math benchmarks (MATH500, AIME, AMC, ...)")
+    ev.add_argument("--model", help="run folder (its checkpoint-final and prompt template), checkpoint, HF folder, "
+                    "hub id, bundled:NAME or tiny:NAME")
+    ev.add_argument("--benchmarks", default="math500",
+                    help="comma-separated: math500, aime24, aime25, amc23, minerva, gsm8k, a .jsonl file or a hub "
+                    "id org/name[:split] (default math500)")
+    ev.add_argument("--data-dir", help="folder with local <benchmark>.jsonl files (id/problem/answer) instead of the "
+                    "hub; default $REASONRL_DATA_DIR")
+    ev.add_argument("--samples", type=int, default=1, help="responses per problem (avg@k, pass@k, maj@k)")
+    ev.add_argument("--greedy", action="store_true", help="greedy decoding (needs --samples 1)")
+    ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--max-new-tokens", type=int, default=2048, help="generation budget (default 2048, FGO's)")
+    ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="output folder (default results/<model name>); an existing one is resumed")
+    ev.add_argument("--overwrite", action="store_true", help="move an existing --out aside instead of resuming")
+    ev.add_argument("--config", help="training config whose data section gives the prompt template (for a model "
+                    "that is not a run folder)")
+    ev.add_argument("--num-workers", type=int, default=1, help="rollout workers (data-parallel Ray actors)")
+    ev.add_argument("--reward-workers", type=int, default=1, help="verifier workers")
+    ev.add_argument("--timeout", type=float, default=30.0, help="verifier time limit per call, seconds")
+    ev.add_argument("--chunk-problems", type=int, default=16, help="problems per generation round (resume unit)")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per generate call in a worker")
+    ev.add_argument("--rescore", metavar="OUT", help="re-verify the saved responses in OUT (no generation)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(handler=_eval)
+
+    cmp = sub.add_parser("compare", help="B against A: paired accuracy difference and token ratio, table and plots")
+    cmp.add_argument("a", help="eval folder of the reference (e.g. the base model)")
+    cmp.add_argument("b", help="eval folder of the candidate (e.g. the trained model)")
+    cmp.add_argument("--out", help="output folder (default B/compare_vs_<A name>)")
+    cmp.add_argument("--confidence", type=float, default=0.95)
+    cmp.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.set_defaults(handler=_compare)

@@ -1,0 +1,192 @@
+"""Weight sync across nodes: a torch.distributed group of learner rank 0 (rank 0 here) and every rollout worker
+(ranks 1..W), gloo on CPU and NCCL when both roles sit on GPUs, broadcasting the parameters in flat buckets.
+
+The group is separate from the learner's DeepSpeed group, so it is built from a TCPStore and a ProcessGroup object
+directly (a process has one default group, and the rollout workers are not part of DeepSpeed's). The one-node
+default stays the numpy-through-the-object-store path (rl.cluster.RolloutGroup.load_weights); `weight_sync.mode:
+collective` selects this one. Each side sums what it sent / received (float64), and the driver compares the sums,
+so a sync that silently delivered other bytes fails the run.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("reasonrl")
+
+
+def bucket_plan(numels: list[int], bucket_bytes: int, elem_bytes: int = 4) -> list[list[int]]:
+    """Consecutive parameter indices grouped so each bucket holds at most `bucket_bytes` (a bigger parameter is
+    a bucket of its own)."""
+    buckets: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(numels):
+        if buckets and size + n * elem_bytes <= bucket_bytes:
+            buckets[-1].append(i)
+            size += n * elem_bytes
+        else:
+            buckets.append([i])
+            size = n * elem_bytes
+    return buckets
+
+
+def new_group(addr: str, port: int, rank: int, world: int, backend: str, timeout_s: float):
+    """A process group of `world` members outside the default group; rank 0 hosts the store at addr:port."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world), store
+    return dist.ProcessGroupGloo(store, rank, world, timeout), store
+
+
+def _broadcast(pg, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    pg.broadcast([tensor], opts).wait()
+
+
+class Endpoint:
+    """One member of the sync group; `send` on rank 0, `receive` on the others."""
+
+    def __init__(self, addr: str, port: int, rank: int, world: int, backend: str, bucket_bytes: int,
+                 timeout_s: float, manifest: list[tuple[str, tuple]]):
+        self.rank, self.backend = rank, backend
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.manifest = [(n, tuple(s)) for n, s in manifest]
+        numels = [int(torch.Size(s).numel()) for _, s in self.manifest]
+        self.plan = bucket_plan(numels, bucket_bytes)
+        self.pg, self._store = new_group(addr, port, rank, world, backend, timeout_s)
+
+    def check(self, named_params: list[tuple[str, torch.Tensor]]) -> None:
+        ours = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in named_params]
+        if ours != self.manifest:
+            diff = [(a, b) for a, b in zip(ours, self.manifest) if a != b][:3]
+            raise RuntimeError(f"weight sync: parameters differ between learner and rollout model "
+                               f"({len(ours)} vs {len(self.manifest)}; first differences {diff})")
+
+    def send(self, named_params: list[tuple[str, torch.Tensor]]) -> float:
+        """Broadcast full parameters (gathered first under ZeRO-3) bucket by bucket; returns their sum."""
+        self.check(named_params)
+        total = 0.0
+        for bucket in self.plan:
+            flat = torch.cat([named_params[i][1].detach().reshape(-1).to(self.device, torch.float32)
+                              for i in bucket])
+            _broadcast(self.pg, flat)
+            total += float(flat.double().sum())
+        return total
+
+    @torch.no_grad()
+    def receive(self, named_params: list[tuple[str, torch.Tensor]]) -> float:
+        """Receive every bucket into a flat buffer and copy it into the parameters; returns the sum received."""
+        total = 0.0
+        for bucket in self.plan:
+            shapes = [self.manifest[i][1] for i in bucket]
+            flat = torch.empty(sum(int(torch.Size(s).numel()) for s in shapes), dtype=torch.float32,
+                               device=self.device)
+            _broadcast(self.pg, flat)
+            total += float(flat.double().sum())
+            offset = 0
+            for i, shape in zip(bucket, shapes):
+                param = named_params[i][1]
+                n = int(torch.Size(shape).numel())
+                param.data.copy_(flat[offset:offset + n].view(shape).to(param.device, param.dtype))
+                offset += n
+        return total
+
+
+class CollectiveSync:
+    """Driver side: builds the group over learner rank 0 and the rollout workers and pushes weights through it.
+
+    A rollout worker Ray recreated has lost its membership: it gets the weights through the object store
+    (rl.cluster.RolloutGroup re-dispatch hook), and the group is rebuilt before the next push.
+    """
+
+    def __init__(self, cfg, rollouts, learner):
+        self.cfg, self.rollouts, self.learner = cfg, rollouts, learner
+        gpu = cfg.learner.num_gpus_per_rank > 0 and cfg.rollout.num_gpus > 0
+        self.backend = "nccl" if gpu else "gloo"  # gloo stages GPU tensors through host memory
+        self.timeout_s = float(cfg.trainer.watchdog_seconds or 1800.0)
+        self.version = 0
+        rollouts.resync = self._resync_one
+        self._build()
+
+    def _build(self) -> None:
+        import ray
+
+        rank0, workers = self.learner.ranks[0], self.rollouts.workers
+        addr, port = ray.get(rank0.address.remote())
+        manifest = ray.get(rank0.weight_manifest.remote())
+        world = 1 + len(workers)
+        bucket_bytes = int(self.cfg.weight_sync.bucket_mb * 2 ** 20)
+        args = (addr, port, world, self.backend, bucket_bytes, self.timeout_s, manifest)
+        refs = [rank0.join_weight_sync.remote(0, *args)]
+        refs += [w.join_weight_sync.remote(i + 1, *args) for i, w in enumerate(workers)]
+        ray.get(refs, timeout=self.timeout_s)  # the store waits for all members: they must join together
+        self.rollouts.restarted = False
+        log.info("weight sync: %s group of learner rank 0 + %d rollout workers at %s:%d", self.backend,
+                 len(workers), addr, port)
+
+    def _resync_one(self, worker) -> None:
+        import ray
+
+        if self.version:  # version 0: the restarted worker's own initial weights are current
+            ray.get(worker.load_weights.remote(self.learner.weights(), self.version))
+
+    def push(self, version: int) -> None:
+        import ray
+
+        from rl.watchdog import StuckError, dead
+
+        if self.rollouts.restarted:
+            self._build()
+        sends = [r.broadcast_weights.remote() for r in self.learner.ranks]
+        receives = {w.receive_weights.remote(version): i for i, w in enumerate(self.rollouts.workers)}
+        pending, received, died, send_error = list(sends) + list(receives), {}, None, None
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                if send_error is not None:
+                    raise send_error
+                raise StuckError(f"watchdog: weight sync (learner rank 0 -> {len(receives)} rollout workers) made "
+                                 f"no progress for {self.timeout_s:.0f} s")
+            ref = ready[0]
+            if ref in sends:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    if died is None:  # a dead learner rank: the run stops (resume from the last checkpoint)
+                        raise
+                except Exception as err:
+                    # Rank 0 also fails when a receiver died; that death may be reported a moment later.
+                    if died is None and send_error is None:
+                        send_error, deadline = err, min(deadline, time.monotonic() + 30.0)
+            else:
+                try:
+                    received[receives[ref]] = ray.get(ref)
+                except Exception as err:
+                    if not dead(err):
+                        if died is None:
+                            raise
+                    elif died is None:  # the group is broken: the others would wait for data that never comes
+                        died = (receives[ref], err)
+                        log.warning("rollout worker %d died during weight sync (%s); recreating the rollout "
+                                    "workers, they get the weights through the object store", receives[ref],
+                                    type(err).__name__)
+                        for w in self.rollouts.workers:
+                            ray.kill(w, no_restart=False)
+        if died is None and send_error is not None:
+            raise send_error
+        self.version = version
+        if died is not None:
+            self.rollouts.restarted = True  # generate() resyncs each recreated worker, the group is rebuilt
+            return
+        sent = ray.get(sends[0])
+        for i, got in sorted(received.items()):
+            if abs(got - sent) > 1e-9 * max(1.0, abs(sent)):
+                raise RuntimeError(f"weight sync: rollout worker {i} received parameters summing to {got!r}, "
+                                   f"learner rank 0 sent {sent!r}")
