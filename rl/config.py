@@ -226,6 +226,9 @@ class TrainerConfig(Section):
                               ">1 needs eval_greedy=false.")
     eval_data_dir: Optional[str] = Field(None, description="Folder of local benchmark JSONL files (id/problem/answer); "
                                          "null: $REASONRL_DATA_DIR, else the hub datasets.")
+    watchdog_seconds: Optional[float] = Field(
+        1800.0, gt=0, description="A role (rollout/reward worker, learner rank) whose call makes no progress for "
+        "this long is reported stuck: its Python stack is dumped and the run fails instead of hanging (null: off).")
 
     @field_validator("eval_benchmarks")
     @classmethod
@@ -240,9 +243,6 @@ class TrainerConfig(Section):
             raise ValueError(f"eval_samples: {self.eval_samples} greedy responses would be identical; set "
                              "trainer.eval_greedy=false to sample them")
         return self
-    watchdog_seconds: Optional[float] = Field(
-        1800.0, gt=0, description="A role (rollout/reward worker, learner rank) whose call makes no progress for "
-        "this long is reported stuck: its Python stack is dumped and the run fails instead of hanging (null: off).")
 
 
 class LoggingConfig(Section):

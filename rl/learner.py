@@ -63,8 +63,17 @@ def _grad_norm(module: torch.nn.Module) -> float:
 def _weights_only_loads(engine) -> None:
     """Security default: DeepSpeed's checkpoint engine unpickles with weights_only=False (arbitrary code in a
     crafted file runs); ours reads tensors and plain containers only. The HF model folder is safetensors."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # The only non-tensor types in DeepSpeed's ZeRO-0/2 state (torch.serialization.get_unsafe_globals_in_checkpoint
+    # on our checkpoints): plain data classes, allowed by name. A ZeRO-3 resume is not tested yet.
+    trusted = [LossScaler, ZeroStageEnum, fragment_address]
+
     def load(path, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(trusted):
+            return torch.load(path, map_location=map_location, weights_only=True)
 
     engine.checkpoint_engine.load = load
 

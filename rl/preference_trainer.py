@@ -125,12 +125,7 @@ def _offline_loop(cfg: Config, learner: LearnerGroup, rollouts: RolloutGroup | N
                   rewards: RewardGroup | None = None, *, sampler: PromptSampler, held_out: list[dict],
                   eval_rows: list[dict], last_ckpt: Path | None, data_stats: dict) -> dict:
     out_dir, t, max_steps = Path(cfg.trainer.output_dir), cfg.algorithm.todo, cfg.trainer.max_steps
-    start_step = 0
-    if last_ckpt is not None:
-        state = checkpoint.load_state(last_ckpt)
-        learner.load(str(last_ckpt))
-        sampler.load_state_dict(state["sampler"])
-        start_step = state["step"]
+    start_step = driver.restore(last_ckpt, learner, sampler)
     summary: dict = {"start_step": start_step, "data": data_stats}
     with MetricsLogger(str(out_dir), tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                        total_steps=max_steps, start_step=start_step) as metrics:
@@ -165,7 +160,7 @@ def _offline_loop(cfg: Config, learner: LearnerGroup, rollouts: RolloutGroup | N
             summary["pref_eval_end"] = _log_pref_eval(
                 metrics, evaluate_preferences(cfg, learner, held_out, max_steps), "end")
         if eval_rows and cfg.trainer.eval_at_end:
-            rollouts.load_weights(learner.weights(), max_steps)
+            rollouts.sync_weights(learner, max_steps)
             summary["eval_end"] = driver.log_eval(metrics, "end",
                                                   driver.evaluate(cfg, rollouts, rewards, eval_rows, max_steps))
     if cfg.logging.plots:
@@ -193,7 +188,7 @@ def online_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup
     if pairs:  # a step whose groups give no pair (e.g. all wrong, lengths far apart) changes nothing
         row.update(learner.train_preference(pairs))
         t3 = time.perf_counter()
-        rollouts.load_weights(learner.weights(), step)
+        rollouts.sync_weights(learner, step)
     else:
         t3 = t2
     t4 = time.perf_counter()

@@ -198,17 +198,23 @@ def train(cfg: Config, resume: bool = False) -> dict:
         placement.remove()
 
 
+def restore(last_ckpt: Path | None, learner: LearnerGroup, sampler: PromptSampler) -> int:
+    """Learner, optimizer and data order from a checkpoint; returns its step (0 without one)."""
+    if last_ckpt is None:
+        return 0
+    state = checkpoint.load_state(last_ckpt)
+    learner.load(str(last_ckpt))
+    sampler.load_state_dict(state["sampler"])
+    log.info("resumed from %s at step %d", last_ckpt, state["step"])
+    return state["step"]
+
+
 def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner: LearnerGroup,
              sampler: PromptSampler, eval_rows: list[dict], last_ckpt: Path | None, bench_eval=None) -> dict:
     out_dir = Path(cfg.trainer.output_dir)
-    start_step = 0
-    if last_ckpt is not None:
-        state = checkpoint.load_state(last_ckpt)
-        learner.load(str(last_ckpt))
-        sampler.load_state_dict(state["sampler"])
-        start_step = state["step"]
+    start_step = restore(last_ckpt, learner, sampler)
+    if start_step:
         rollouts.sync_weights(learner, start_step)
-        log.info("resumed from %s at step %d", last_ckpt, start_step)
 
     summary = {"start_step": start_step}
     with MetricsLogger(str(out_dir), tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,

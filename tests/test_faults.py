@@ -2,6 +2,7 @@
 staging for `reasonrl submit`, placement config errors, and kill -9 during a checkpoint write."""
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def test_endpoint_rejects_a_different_model():
         ep.check(list(_model(0).named_parameters()))
 
 
-def test_submit_stages_config_and_reward_files(tmp_path, monkeypatch):
+def test_submit_stages_config_and_reward_files(tmp_path, monkeypatch, request):
     from launch.submit import EXCLUDES, PACKAGE, PROJECT_ROOT, build_job
 
     monkeypatch.setenv("REASONRL_CACHE", str(tmp_path / "cache"))
@@ -84,6 +85,7 @@ def test_submit_stages_config_and_reward_files(tmp_path, monkeypatch):
     job = build_job(str(ROOT / "configs/tiny.yaml"),
                     [f"reward.functions=[{{fn: '{reward}:score'}}, {{fn: boxed_format, weight: 0.1}}]",
                      f"reward.accuracy={reward}:score", "trainer.output_dir=relative/run"], resume=None)
+    request.addfinalizer(lambda: shutil.rmtree(job["stage"], ignore_errors=True))  # `submit` removes it itself
     env = job["runtime_env"]
     assert env["working_dir"] == str(PROJECT_ROOT) and ".venv" in EXCLUDES and "runs" in EXCLUDES
     assert env["env_vars"]["RAY_AUTH_MODE"] == "disabled"

@@ -40,16 +40,20 @@ def _rows(path: Path, event: str | None = None) -> list[dict]:
     return rows if event is None else [r for r in rows if r.get("event") == event]
 
 
-def test_offline_todo_two_ranks_checkpoint_resume_and_pref_eval(tmp_path):
+def _offline(tmp_path: Path, out: Path, *extra: str):
+    return load_config(ROOT / "configs/tiny.yaml", [
+        f"trainer.output_dir={out}", "algorithm.name=todo", "algorithm.todo.beta=0.5",
+        f"algorithm.todo.train_data={_write_pairs(tmp_path / 'train.jsonl', 6, 0)}",
+        f"algorithm.todo.eval_data={_write_pairs(tmp_path / 'eval.jsonl', 4, 100)}",
+        "algorithm.todo.pairs_per_step=3", "learner.num_ranks=2", "learner.zero_stage=2",
+        "learner.micro_batch_size=2", "learner.lr=1e-3", "logging.progress=false", *extra])
+
+
+def test_offline_todo_two_ranks_and_pref_eval(tmp_path):
     from rl.preference_trainer import pref_eval
 
     out = tmp_path / "run"
-    common = [f"trainer.output_dir={out}", "algorithm.name=todo", "algorithm.todo.beta=0.5",
-              f"algorithm.todo.train_data={_write_pairs(tmp_path / 'train.jsonl', 6, 0)}",
-              f"algorithm.todo.eval_data={_write_pairs(tmp_path / 'eval.jsonl', 4, 100)}",
-              "algorithm.todo.pairs_per_step=3", "learner.num_ranks=2", "learner.zero_stage=2",
-              "learner.micro_batch_size=2", "learner.lr=1e-3", "data.eval_size=2", "logging.progress=false"]
-    cfg = load_config(ROOT / "configs/tiny.yaml", common + ["trainer.max_steps=2"])
+    cfg = _offline(tmp_path, out, "trainer.max_steps=2", "data.eval_size=2")
     summary = train(cfg)
     assert summary["data"]["skipped_no_rejected"] == 1 and summary["data"]["ties"] == 2
     assert "eval_start" in summary and "eval_end" in summary  # task accuracy through the rollout workers
@@ -70,11 +74,18 @@ def test_offline_todo_two_ranks_checkpoint_resume_and_pref_eval(tmp_path):
     for key in ("mu_mean", "tobt_acc", "sign_acc", "tobt_acc_tie"):
         assert local[key] == pytest.approx(end[key], rel=1e-4, abs=1e-6), key
 
-    resumed = train(load_config(out / "config.yaml", [f"trainer.output_dir={out}", "trainer.max_steps=3"]),
+    assert (out / "checkpoint-final").exists()
+
+
+def test_offline_resume_continues_the_pair_order(tmp_path):
+    out = tmp_path / "run"
+    train(_offline(tmp_path, out, "trainer.max_steps=1", "data.eval_size=0", "trainer.save_every=1"))
+    resumed = train(load_config(out / "config.yaml", [f"trainer.output_dir={out}", "trainer.max_steps=2"]),
                     resume=True)
-    assert resumed["start_step"] == 2
-    assert [m["step"] for m in _rows(out / "metrics.jsonl")] == [1, 2, 3]
-    assert (out / "checkpoints/step-000003/model/config.json").is_file()
+    assert resumed["start_step"] == 1 and "pref_eval_start" not in resumed
+    assert [m["step"] for m in _rows(out / "metrics.jsonl")] == [1, 2]
+    state = json.loads((out / "checkpoints/step-000002/trainer_state.json").read_text())
+    assert state["step"] == 2 and state["sampler"] == {"epoch": 1, "position": 0, "num_rows": 6}  # 2 x 3 pairs
 
 
 def test_online_todo_two_ranks_zero3_builds_pairs_from_the_verifier(tmp_path):
