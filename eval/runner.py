@@ -26,6 +26,7 @@ from pathlib import Path
 
 from eval.benchmarks import data_dir_from, load_benchmark, slug
 from eval.metrics import benchmark_metrics, markdown_table
+from rl.metrics import read_metrics
 from rl.config import Config, ConfigError, RewardConfig, RewardFunction, load_config
 from rl.data import render_prompt
 from rl.fsutil import write_atomic
@@ -161,21 +162,8 @@ def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], pa
 # -------------------------------------------------------------------------------------------- sample files
 
 def read_samples(path: Path) -> list[dict]:
-    """The records of a samples file; a last line cut off by a crash is dropped."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
-    return out
+    """The records of a samples file; a last line cut off by a crash is dropped (same reader as metrics.jsonl)."""
+    return read_metrics(path) if path.is_file() else []
 
 
 def complete_problems(records: list[dict], k: int, ids: list[str]) -> dict[str, list[dict]]:
