@@ -51,9 +51,11 @@ def init_ray(cfg: Config) -> None:
                  dashboard_host="127.0.0.1", **kwargs)
 
 
-def _threads(share: int) -> int:
-    # Rollout, reward and learner phases do not overlap in the synchronous loop, so each role may use all cores.
-    return max(1, (os.cpu_count() or 1) // share)
+def _threads(share: int, cfg: Config) -> int:
+    # Rollout, reward and learner phases do not overlap in the synchronous loop, so each role may use all cores;
+    # one step off-policy (trainer.max_staleness 1) runs rollout and learner at once, so they split the cores.
+    overlap = 2 if cfg.trainer.max_staleness else 1
+    return max(1, (os.cpu_count() or 1) // (share * overlap))
 
 
 def _own_placement(group, cfg: Config, role: str, placement: Placement | None) -> Placement:
@@ -69,11 +71,16 @@ class RolloutGroup:
         placement = _own_placement(self, cfg, "rollout", placement)
         # Ray recreates a dead worker (max_restarts); its unfinished request is re-issued by call_all after the
         # worker got the current weights back (it restarts with the initial ones).
-        actor = ray.remote(RolloutWorker)
         device = "cuda" if cfg.rollout.num_gpus > 0 else "cpu"
+        if cfg.rollout.backend == "vllm":
+            from rl.rollout_vllm import VllmRolloutWorker
+
+            actor, args = ray.remote(VllmRolloutWorker), (model_path, cfg.model.dtype, cfg.rollout.vllm)
+        else:
+            actor, args = ray.remote(RolloutWorker), (model_path, cfg.model.dtype, _threads(n, cfg), device,
+                                                      cfg.rollout.backend)
         self.workers = [actor.options(**placement.options("rollout", i), max_restarts=cfg.placement.max_restarts,
-                                      max_task_retries=0).remote(model_path, cfg.model.dtype, _threads(n), device)
-                        for i in range(n)]
+                                      max_task_retries=0).remote(*args) for i in range(n)]
         self.cfg, self.max_restarts, self.watchdog = cfg, cfg.placement.max_restarts, cfg.trainer.watchdog_seconds
         self.weights = None  # (ref, version) of the last object-store sync, replayed into a restarted worker
         self.resync = None  # set by rl.weight_sync.CollectiveSync: how a restarted worker gets current weights
@@ -161,7 +168,7 @@ class LearnerGroup:
         actor = ray.remote(LearnerRank)
         self.ranks = [actor.options(**placement.options("learner", r), max_restarts=0).remote(
             r, n, model_path, cfg.learner.model_dump(), cfg.algorithm.model_dump(), cfg.model.dtype,
-            cfg.rollout.temperature, cfg.trainer.seed, _threads(n)) for r in range(n)]
+            cfg.rollout.temperature, cfg.trainer.seed, _threads(n, cfg)) for r in range(n)]
         self.watchdog = cfg.trainer.watchdog_seconds
         try:
             addr, port = ray.get(self.ranks[0].address.remote())
@@ -173,10 +180,13 @@ class LearnerGroup:
             raise
         self.micro_batch_size = cfg.learner.micro_batch_size
 
-    def train(self, sequences: list[dict], mini_batches: int, max_len: int) -> dict:
-        """Shard a step's sequences over ranks and run the update; returns summed statistics."""
+    def train(self, sequences: list[dict], mini_batches: int, max_len: int, on_policy: bool = True) -> dict:
+        """Shard a step's sequences over ranks and run the update; returns summed statistics.
+
+        on_policy: the sequences were sampled from the current weights (their old log-probs are then recomputed
+        exactly by the learner's own forward when there is one pass and one mini-batch)."""
         n_ranks = len(self.ranks)
-        plan = {"num_tokens": [], "num_seqs": [], "num_micro": [], "max_len": max_len}
+        plan = {"num_tokens": [], "num_seqs": [], "num_micro": [], "max_len": max_len, "on_policy": on_policy}
         shards: list[list[dict]] = [[] for _ in range(n_ranks)]
         for mb, (a, b) in enumerate(split_bounds(len(sequences), mini_batches)):
             part = sequences[a:b]

@@ -71,6 +71,16 @@ class RolloutConfig(Section):
                          "the full distribution, so truncation makes updates slightly off-policy.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off; same caveat as top_p).")
     generate_batch_size: int = Field(64, ge=1, description="Sequences per `generate` call inside a worker.")
+    shared_prefix: bool = Field(True, description="transformers backend: prefill each distinct prompt once and share "
+                                "its KV cache among its group_size samples (same samples and log-probs, tested).")
+    backend: Literal["transformers", "continuous", "vllm"] = Field(
+        "transformers", description="Generation engine of the rollout workers. `transformers`: batched `generate` "
+        "(the CPU default; log-probs and full-vocabulary entropies from the generation logits). `continuous`: "
+        "transformers continuous batching (`generate_batch`: finished sequences leave the batch, new ones join; "
+        "log-probs from the sampler, no entropies). `vllm`: a vLLM engine per worker (GPU, extra `reasonrl[vllm]`; "
+        "log-probs of the sampled tokens after temperature, no entropies), weights loaded in place from the learner.")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments for backend vllm "
+                                 "(e.g. gpu_memory_utilization, max_model_len, enforce_eager).")
 
 
 def _checked_spec(spec: str) -> str:
@@ -200,8 +210,22 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0: off).")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward on one rank.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations (less memory, slower).")
+    packing: bool = Field(False, description="Train on packed, unpadded micro-batches: the micro-batch's sequences "
+                          "in one row with a block-diagonal causal mask (no pad tokens computed; attention is "
+                          "quadratic in the packed length). Same loss as padded (tested); bench/ measures the speed.")
+    shared_prefix: Optional[bool] = Field(
+        None, description="Run each distinct prompt of a micro-batch once and share its KV cache among the group's "
+        "samples (G samples of a prompt cost one prompt forward and backward instead of G; -15% train time in "
+        "docs/performance.md). Same loss and gradients as padded (tested); shares most with micro_batch_size a "
+        "multiple of rollout.group_size. Default (null): on unless packing or gradient_checkpointing is on.")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer offload to CPU (DeepSpeedCPUAdam).")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged on top.")
+
+    @model_validator(mode="after")
+    def _default_shared_prefix(self):
+        if self.shared_prefix is None:  # resolved here so the dumped run config says what was used
+            object.__setattr__(self, "shared_prefix", not (self.packing or self.gradient_checkpointing))
+        return self
 
 
 class TrainerConfig(Section):
@@ -229,6 +253,11 @@ class TrainerConfig(Section):
     watchdog_seconds: Optional[float] = Field(
         1800.0, gt=0, description="A role (rollout/reward worker, learner rank) whose call makes no progress for "
         "this long is reported stuck: its Python stack is dumped and the run fails instead of hanging (null: off).")
+
+    max_staleness: int = Field(0, ge=0, le=1, description="1: one-step off-policy. Step k+1's rollout is generated "
+                               "while the learner trains on step k (from the weights before step k's update) and "
+                               "is corrected by the PPO importance ratio to its own log-probs (grpo/fgo). 0: "
+                               "synchronous on-policy steps.")
 
     @field_validator("eval_benchmarks")
     @classmethod
@@ -320,6 +349,30 @@ class Config(Section):
         if per_mini < self.learner.num_ranks:
             raise ValueError(f"learner.num_ranks: {self.learner.num_ranks} exceeds the {per_mini} sequences "
                              "of a mini-batch")
+        return self
+
+    @model_validator(mode="after")
+    def _fast_paths_fit(self):
+        if self.trainer.max_staleness and self.algorithm.name not in ("grpo", "fgo"):
+            raise ValueError(f"trainer.max_staleness: off-policy rollouts need the PPO importance ratio of grpo/fgo; "
+                             f"{self.algorithm.name} has none (use 0)")
+        if self.learner.shared_prefix and (self.learner.packing or self.learner.gradient_checkpointing):
+            raise ValueError("learner.shared_prefix: runs the prompt with a KV cache, which packing and gradient "
+                             "checkpointing do not keep; turn those off or this off")
+        backend = self.rollout.backend
+        if backend != "transformers" and self.algorithm.name == "fgo" and self.algorithm.fgo.entropy == "mean_token_entropy":
+            raise ValueError(f"algorithm.fgo.entropy: mean_token_entropy needs full-vocabulary entropies, which only "
+                             f"rollout.backend transformers measures (got {backend}); use sampled_token_sum")
+        if backend == "vllm":
+            import importlib.util
+
+            if self.weight_sync.mode != "object_store":
+                raise ValueError("rollout.backend: vllm loads weights through the object store; set "
+                                 "weight_sync.mode: object_store")
+            if self.rollout.num_gpus <= 0:
+                raise ValueError("rollout.backend: vllm runs on GPUs; set rollout.num_gpus > 0 (CPU: transformers)")
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError("rollout.backend: vllm is not installed here: pip install 'reasonrl[vllm]'")
         return self
 
 

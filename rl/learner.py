@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rl.algorithms import policy_loss, preference_correct, preference_margin
-from rl.batch import pad_pairs, pad_values, response_logprobs, split_bounds, to_device
+from rl.batch import pack_pairs, pad_pairs, prefix_pairs, pad_values, response_logprobs, split_bounds, to_device
 from rl.config import AlgorithmConfig, LearnerConfig
 from rl.models import load_policy, load_tokenizer
 from rl.preference import pair_batch, pair_losses, summed_logps
@@ -131,8 +131,15 @@ class LearnerRank:
 
     # ------------------------------------------------------------------------------------------------ training
     def _micro(self, seqs: list[dict]) -> dict:
-        batch = pad_pairs([s["prompt_ids"] for s in seqs], [s["response_ids"] for s in seqs],
-                          self.tokenizer.pad_token_id)
+        prompts, responses = [s["prompt_ids"] for s in seqs], [s["response_ids"] for s in seqs]
+        # shared prefix: each distinct prompt runs once per micro-batch; packed: one unpadded row;
+        # padded: [B, longest prompt + longest response]
+        if self.cfg.shared_prefix:
+            batch = prefix_pairs(prompts, responses, self.tokenizer.pad_token_id)
+        elif self.cfg.packing:
+            batch = pack_pairs(prompts, responses)
+        else:
+            batch = pad_pairs(prompts, responses, self.tokenizer.pad_token_id)
         width = batch["response_mask"].shape[1]
         batch["old_logprobs"] = pad_values([s["old_logprobs"] for s in seqs], width)
         batch["advantages"] = torch.tensor([s["advantage"] for s in seqs], dtype=torch.float32)
@@ -147,7 +154,9 @@ class LearnerRank:
         plan: per mini-batch global counts {num_tokens[], num_seqs[], num_micro[]} and max_len.
         """
         self.engine.train()
-        on_policy = self.algo.num_iterations == 1 and self.algo.mini_batches == 1
+        # One pass, one mini-batch, sampled from these weights: pi_old is the policy itself (ratio 1, no second
+        # forward). Otherwise pi_old is the rollout's log-probs: the behaviour policy, also when it is a step stale.
+        on_policy = plan.get("on_policy", True) and self.algo.num_iterations == 1 and self.algo.mini_batches == 1
         if self.ref is not None:
             self._attach_ref_logprobs(shard)
         totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0,

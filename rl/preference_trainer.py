@@ -170,15 +170,14 @@ def _offline_loop(cfg: Config, learner: LearnerGroup, rollouts: RolloutGroup | N
 
 # --------------------------------------------------------------------------------------------------- online
 def online_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup, rewards: RewardGroup,
-                learner: LearnerGroup, metrics: MetricsLogger) -> dict:
+                learner: LearnerGroup, metrics: MetricsLogger, pipeline) -> dict:
     """One online TODO/DPO step: rollout -> verifier -> pairs per group -> preference update -> weight sync."""
     G, t = cfg.rollout.group_size, cfg.algorithm.todo
     held_out = eval_pairs(cfg)
     if step == 1 and held_out:  # before the first update: the start value (policy = reference)
         _log_pref_eval(metrics, evaluate_preferences(cfg, learner, held_out, 0), "start")
     t0 = time.perf_counter()
-    rollout = rollouts.generate([r["prompt"] for r in rows], driver.sampling_params(cfg, n=G),
-                                seed=cfg.trainer.seed * 100003 + step)
+    rollout, _ = pipeline.rollout(step, rows)  # always on-policy here (max_staleness is grpo/fgo only)
     t1 = time.perf_counter()
     total, correct, reward_result = driver.score(rewards, cfg, rows, rollout, G)
     rng = np.random.default_rng([cfg.trainer.seed & (2**63 - 1), step, 5])

@@ -1,8 +1,8 @@
 """Rollout worker: batched sampling with transformers `generate`.
 
 Returns, per sample, the prompt and response token ids, the log-prob of every sampled token under the policy at
-the sampling temperature (taken from the generation logits, so no second forward pass), the full-vocabulary entropy
-of each step, and why the response ended (`stop`: EOS generated, `length`: budget exhausted).
+the sampling temperature (measured from the generation logits as they are produced, so no second forward pass), the
+full-vocabulary entropy of each step, and why the response ended (`stop`: EOS generated, `length`: budget exhausted).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import LogitsProcessorList
 
 from rl.algorithms import entropy_from_logits, token_logprobs
 from rl.models import load_policy, load_tokenizer
@@ -26,18 +27,21 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
     batch_size: int = 64
-    # Per-token log-probs and entropies need every step's [B, V] logits kept until the end (GBs at long budgets);
-    # evaluation only needs the tokens, so it switches them off (logprobs come back empty, entropy_sum 0).
+    # Per-token log-probs and entropies cost a log-softmax over the vocabulary per step; evaluation only needs the
+    # tokens, so it switches them off (logprobs come back empty, entropy_sum 0).
     logprobs: bool = True
+    # Prefill each distinct prompt once and share its KV cache among its n samples (transformers backend).
+    shared_prefix: bool = True
 
 
 class RolloutWorker:
     """Holds an inference copy of the policy. Wrapped as a Ray actor by `rl.cluster`."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", num_threads: int | None = None, device: str = "cpu"):
+    def __init__(self, model_path: str, dtype: str = "float32", num_threads: int | None = None, device: str = "cpu",
+                 backend: str = "transformers"):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = device
+        self.device, self.backend = device, backend
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge
         self.model = load_policy(model_path, dtype, self.device).eval()
@@ -95,26 +99,70 @@ class RolloutWorker:
         expanded = [p for p in prompts for _ in range(params.n)]
         out = {"prompt_ids": [], "response_ids": [], "logprobs": [], "entropy_sum": [], "finish_reason": [],
                "text": []}
+        if self.backend == "continuous":
+            self._generate_continuous(expanded, params, seed, out)
+            return out
         for start in range(0, len(expanded), params.batch_size):
             self._generate_chunk(expanded[start:start + params.batch_size], params, out)
         return out
 
+    def _shared_prompt_cache(self, prompts: list[str], enc, shared: bool = True):
+        """KV cache of all but the last prompt token, computed once per distinct prompt and shared by its n samples
+        (generate then runs only the last prompt token per sequence). None when no prompt repeats."""
+        first: dict[str, int] = {}
+        index = [first.setdefault(p, i) for i, p in enumerate(prompts)]
+        if not shared or len(first) == len(prompts) or enc["input_ids"].shape[1] < 2:
+            return None
+        from transformers import DynamicCache
+
+        rows = torch.tensor(sorted(first.values()), device=self.device)
+        mask = enc["attention_mask"][rows, :-1]
+        # Positions as generate computes them for left-padded prompts (pads are masked, their values do not matter).
+        out = self.model(input_ids=enc["input_ids"][rows, :-1], attention_mask=mask,
+                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+        slot = {row: k for k, row in enumerate(sorted(first.values()))}
+        expand = torch.tensor([slot[i] for i in index], device=self.device)
+        return DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, expand), layer.values.index_select(0, expand))
+                                            for layer in out.past_key_values.layers])
+
+    def _generate_continuous(self, prompts: list[str], params: SamplingParams, seed: int, out: dict) -> None:
+        """transformers continuous batching: a sequence that ends frees its slot for the next one, so one long
+        response does not keep a whole batch of finished ones running. The sampler returns the log-prob of each
+        sampled token (after temperature); full-vocabulary entropies are not available (entropy_sum 0)."""
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        tok = self.tokenizer
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        # A small paged cache: sized for this batch, not for a fraction of the machine's memory.
+        pages = params.batch_size * -(-(max(map(len, ids)) + params.max_new_tokens) // 256)
+        cb = ContinuousBatchingConfig(return_logprobs=params.logprobs, seed=seed, num_blocks=pages,
+                                      max_batch_tokens=max(256, params.batch_size * 8))
+        results = self.model.generate_batch(ids, generation_config=generation_config(params, tok),
+                                            continuous_batching_config=cb, progress_bar=False)
+        done = [r for r in results.values() if r.error is None]  # transformers returns them in input order
+        if len(done) != len(ids):  # it logs and drops failed requests; a rollout batch must be complete
+            raise RuntimeError(f"continuous batching returned {len(done)} of {len(ids)} sequences")
+        for res, prompt_ids in zip(done, ids):
+            row = list(res.generated_tokens)
+            stop = tok.eos_token_id in row
+            n = row.index(tok.eos_token_id) + 1 if stop else len(row)
+            out["prompt_ids"].append(prompt_ids)
+            out["response_ids"].append(row[:n])
+            out["logprobs"].append(list(res.logprobs[:n]) if params.logprobs else [])
+            out["entropy_sum"].append(0.0)
+            out["finish_reason"].append("stop" if stop else "length")
+            out["text"].append(tok.decode(row[:n], skip_special_tokens=True))
+
     def _generate_chunk(self, prompts: list[str], params: SamplingParams, out: dict) -> None:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        res = self.model.generate(**enc, generation_config=generation_config(params, tok))
+        stats = StepStats(1.0 if params.greedy else params.temperature)
+        res = self.model.generate(**enc, past_key_values=self._shared_prompt_cache(prompts, enc, params.shared_prefix),
+                                  generation_config=generation_config(params, tok),
+                                  logits_processor=LogitsProcessorList([stats] if params.logprobs else []))
         prompt_len = enc["input_ids"].shape[1]
         new_tokens = res.sequences[:, prompt_len:]
-        temperature = 1.0 if params.greedy else params.temperature
-        # Per-step log-prob of the sampled token and entropy, from the raw logits at the sampling temperature.
-        steps_lp, steps_ent = [], []
-        for t, logits in enumerate(res.logits or ()):  # one [B, V] tensor per step: never a [B, T, V] copy
-            step_logits = logits.unsqueeze(1)
-            steps_lp.append(token_logprobs(step_logits, new_tokens[:, t:t + 1], temperature).squeeze(1))
-            steps_ent.append(entropy_from_logits(step_logits, temperature).squeeze(1))
-        zeros = torch.zeros(new_tokens.shape[0], 0)
-        lp = torch.stack(steps_lp, 1).cpu() if steps_lp else zeros
-        ent = torch.stack(steps_ent, 1).cpu() if steps_ent else zeros
+        lp, ent = stats.finish(res.sequences)
         mask = enc["attention_mask"].cpu().bool()
         ids = enc["input_ids"].cpu()
         for i in range(len(prompts)):
@@ -127,6 +175,38 @@ class RolloutWorker:
             out["entropy_sum"].append(float(ent[i, :n].sum()))
             out["finish_reason"].append("stop" if stop else "length")
             out["text"].append(tok.decode(row[:n], skip_special_tokens=True))
+
+
+class StepStats:
+    """A logits processor that measures, as generation goes, the log-prob of each sampled token and the
+    full-vocabulary entropy of each step at the sampling temperature, from the raw logits.
+
+    transformers runs custom processors before its temperature/top-k/top-p warpers, so `scores` are the raw
+    logits (the default processors are switched off by generation_config). The token sampled from step t's scores
+    is only known at step t+1 (last column of input_ids), so one step's logits are kept, never all T of them as
+    output_logits would (T x B x V floats: GBs at long budgets).
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature, self.previous, self.logprobs, self.entropies = temperature, None, [], []
+
+    def _close_previous(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.logprobs.append(token_logprobs(self.previous, tokens, self.temperature).squeeze(1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._close_previous(input_ids[:, -1:])
+        self.previous = scores.unsqueeze(1)
+        self.entropies.append(entropy_from_logits(self.previous, self.temperature).squeeze(1))
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] log-probs and entropies (empty when the processor was not used)."""
+        self._close_previous(sequences[:, -1:])
+        self.previous = None
+        if not self.logprobs:
+            return torch.zeros(sequences.shape[0], 0), torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.logprobs, 1).cpu(), torch.stack(self.entropies, 1).cpu()
 
 
 def generation_config(params: SamplingParams, tok):
@@ -142,7 +222,7 @@ def generation_config(params: SamplingParams, tok):
         do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
     return GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, repetition_penalty=1.0,
-                            no_repeat_ngram_size=0, typical_p=1.0, min_p=None, output_logits=params.logprobs,
+                            no_repeat_ngram_size=0, typical_p=1.0, min_p=None,
                             return_dict_in_generate=True, **sampling)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ def score(rewards: RewardGroup, cfg: Config, rows: list[dict], rollout: dict, gr
 def sampling_params(cfg: Config, n: int, greedy: bool = False) -> SamplingParams:
     r = cfg.rollout
     return SamplingParams(n=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                          top_k=r.top_k, greedy=greedy, batch_size=r.generate_batch_size)
+                          top_k=r.top_k, greedy=greedy, batch_size=r.generate_batch_size, shared_prefix=r.shared_prefix)
 
 
 def compute_advantages(cfg: Config, total: list[float], correct: list[float], rollout: dict) -> tuple[torch.Tensor, dict]:
@@ -152,7 +153,9 @@ def prepare_output_dir(cfg: Config, resume: bool) -> Path:
     return out_dir
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, step_callback=None) -> dict:
+    """Run a job. `step_callback(step, row)`, if given, is called once before the first step (row None) and after
+    each step with its metrics row: bench/grpo_vs_trl.py paces its A/B comparison with it."""
     if cfg.algorithm.name in ("todo", "dpo"):
         from rl.preference_trainer import check_config, train_offline
 
@@ -192,7 +195,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         groups.append(RolloutGroup(cfg, model_path, placement))
         groups.append(RewardGroup(cfg, placement))
         groups.append(LearnerGroup(cfg, model_path, placement))
-        return run_loop(cfg, *groups, sampler, eval_rows, last_ckpt, bench_eval)
+        return run_loop(cfg, *groups, sampler, eval_rows, last_ckpt, bench_eval, step_callback)
     finally:
         shutdown(*groups, bench_eval)  # bench_eval's verifier worker, if it started one
         placement.remove()
@@ -210,7 +213,8 @@ def restore(last_ckpt: Path | None, learner: LearnerGroup, sampler: PromptSample
 
 
 def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner: LearnerGroup,
-             sampler: PromptSampler, eval_rows: list[dict], last_ckpt: Path | None, bench_eval=None) -> dict:
+             sampler: PromptSampler, eval_rows: list[dict], last_ckpt: Path | None, bench_eval=None,
+             step_callback=None) -> dict:
     out_dir = Path(cfg.trainer.output_dir)
     start_step = restore(last_ckpt, learner, sampler)
     if start_step:
@@ -225,14 +229,17 @@ def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner:
             summary["eval_start"] = log_eval(metrics, "start", evaluate(cfg, rollouts, rewards, eval_rows, 0))
 
         saved_step = start_step
+        pipeline = RolloutPipeline(cfg, sampler, rollouts)
+        if step_callback is not None:
+            step_callback(start_step, None)
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t0 = time.perf_counter()
-            rows = sampler.next_batch(cfg.rollout.prompts_per_step)
+            rows, sampler_state = pipeline.prompts(step)
             # Which prompts each step trained on: a resumed run must neither replay nor skip any (tested).
             metrics.log_event("prompts", {"step": step, "ids": [r["id"] for r in rows]})
-            row = step_function(cfg)(cfg, step, rows, rollouts, rewards, learner, metrics)
+            row = step_function(cfg)(cfg, step, rows, rollouts, rewards, learner, metrics, pipeline)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-                row["time_checkpoint"] = save(cfg, learner, sampler, step)
+                row["time_checkpoint"] = save(cfg, learner, sampler, step, sampler_state)
                 saved_step = step
             row["time_step"] = time.perf_counter() - t0
             if bench_eval is not None and bench_eval.due(step):  # eval/<benchmark>/... beside the step's metrics
@@ -240,7 +247,10 @@ def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner:
                 row.update(bench_eval.run(step, rollouts, metrics))
                 row["time_eval"] = time.perf_counter() - t_eval
             metrics.log(step, row)
+            if step_callback is not None:
+                step_callback(step, row)
 
+        pipeline.close()
         if saved_step != cfg.trainer.max_steps and cfg.trainer.max_steps > start_step:
             save(cfg, learner, sampler, cfg.trainer.max_steps)
         final = checkpoint.latest(out_dir)
@@ -254,13 +264,63 @@ def run_loop(cfg: Config, rollouts: RolloutGroup, rewards: RewardGroup, learner:
     return summary
 
 
+class RolloutPipeline:
+    """Each step's prompts and their rollout.
+
+    trainer.max_staleness 0: drawn and generated when the step starts, from the current weights.
+    trainer.max_staleness 1 (one step off-policy): step k+1's prompts are drawn and generated (in a driver thread
+    that waits on the rollout actors) while the learner trains on step k, so they come from the weights before step
+    k's update. The learner then takes its PPO ratio against the rollout's own log-probs, which is the importance
+    weight pi_theta / pi_behaviour; at staleness 0 that ratio is 1 and the loss is the on-policy one (tested).
+    """
+
+    def __init__(self, cfg: Config, sampler: PromptSampler, rollouts: RolloutGroup):
+        self.cfg, self.sampler, self.rollouts = cfg, sampler, rollouts
+        self.ahead: dict[int, tuple[list[dict], dict, Future | None]] = {}  # step -> (rows, sampler state, rollout)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead") if cfg.trainer.max_staleness else None
+
+    def prompts(self, step: int) -> tuple[list[dict], dict]:
+        """The step's prompts and the sampler state right after drawing them (what its checkpoint stores)."""
+        if step not in self.ahead:
+            rows = self.sampler.next_batch(self.cfg.rollout.prompts_per_step)
+            self.ahead[step] = (rows, self.sampler.state_dict(), None)
+        return self.ahead[step][:2]
+
+    def rollout(self, step: int, rows: list[dict]) -> tuple[dict, int]:
+        """(rollout, staleness): the one started during the previous step, else one generated now."""
+        _, _, future = self.ahead.pop(step, (None, None, None))
+        if future is not None:
+            return future.result(), 1
+        return self._generate(step, rows), 0
+
+    def start_next(self, step: int) -> None:
+        if self.pool is None or step > self.cfg.trainer.max_steps:
+            return
+        rows, state = self.prompts(step)
+        self.ahead[step] = (rows, state, self.pool.submit(self._generate, step, rows))
+
+    def settle(self) -> None:
+        """Wait for a rollout in flight (its result stays for `rollout`)."""
+        for _, _, future in self.ahead.values():
+            if future is not None:
+                future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def _generate(self, step: int, rows: list[dict]) -> dict:
+        return self.rollouts.generate([r["prompt"] for r in rows], sampling_params(self.cfg, n=self.cfg.rollout.group_size),
+                                      seed=self.cfg.trainer.seed * 100003 + step)
+
+
 def train_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup, rewards: RewardGroup,
-               learner: LearnerGroup, metrics: MetricsLogger) -> dict:
-    """One GRPO step: rollout -> rewards -> advantages -> update -> weight sync. Returns the step's metrics."""
+               learner: LearnerGroup, metrics: MetricsLogger, pipeline: "RolloutPipeline") -> dict:
+    """One GRPO/FGO step: rollout -> rewards -> advantages -> update -> weight sync. Returns the step's metrics."""
     G = cfg.rollout.group_size
     t0 = time.perf_counter()
-    rollout = rollouts.generate([r["prompt"] for r in rows], sampling_params(cfg, n=G),
-                                seed=cfg.trainer.seed * 100003 + step)
+    rollout, staleness = pipeline.rollout(step, rows)
+    pipeline.start_next(step + 1)  # max_staleness 1: the next rollout runs while this step trains
     t1 = time.perf_counter()
     total, correct, reward_result = score(rewards, cfg, rows, rollout, G)
     advantages, algo_stats = compute_advantages(cfg, total, correct, rollout)
@@ -268,8 +328,11 @@ def train_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup,
     sequences = [{"prompt_ids": p, "response_ids": r, "old_logprobs": lp, "advantage": float(a)}
                  for p, r, lp, a in zip(rollout["prompt_ids"], rollout["response_ids"], rollout["logprobs"],
                                         advantages)]
-    stats = learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens)
+    # A stale rollout came from older weights: the ratio to its own log-probs is the importance weight.
+    stats = learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens, on_policy=not staleness)
     t3 = time.perf_counter()
+    pipeline.settle()  # the in-flight rollout must finish on the old weights before they are replaced
+    t_settled = time.perf_counter()
     rollouts.sync_weights(learner, step)
     t4 = time.perf_counter()
 
@@ -280,7 +343,8 @@ def train_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup,
                                      "reward": total[0]})
     row = step_metrics(rollout, total, correct, advantages, stats, reward_result, G)
     row.update(algo_stats)
-    row.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_sync=t4 - t3)
+    row.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_rollout_wait=t_settled - t3,
+               time_sync=t4 - t_settled, staleness=staleness, ratio_mean=stats["ratio_sum"] / max(1.0, stats["tokens"]))
     return row
 
 
@@ -299,10 +363,13 @@ def log_eval(metrics: MetricsLogger, when: str, result: dict) -> dict:
     return result
 
 
-def save(cfg: Config, learner: LearnerGroup, sampler: PromptSampler, step: int) -> float:
+def save(cfg: Config, learner: LearnerGroup, sampler: PromptSampler, step: int, sampler_state: dict | None = None) -> float:
+    """`sampler_state`: the data order right after step `step` drew its prompts (with max_staleness 1 the sampler
+    has already drawn the next step's); default: the sampler's current state."""
     t = time.perf_counter()
     tmp = checkpoint.begin(cfg.trainer.output_dir, step)
     learner.save(str(tmp))
-    checkpoint.commit(tmp, step, {"sampler": sampler.state_dict(), "seed": cfg.trainer.seed},
+    state = sampler.state_dict() if sampler_state is None else sampler_state
+    checkpoint.commit(tmp, step, {"sampler": state, "seed": cfg.trainer.seed},
                       keep=cfg.trainer.keep_checkpoints)
     return time.perf_counter() - t

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from rl.algorithms import entropy_from_logits
 from rl.batch import pad_pairs, response_logprobs
 from rl.models import resolve_model
 from rl.rollout import RolloutWorker, SamplingParams
@@ -25,6 +26,13 @@ def test_groups_are_contiguous_and_logprobs_match_a_forward_pass(worker):
         ref = response_logprobs(worker.model, batch, temperature=0.7)
     for i, lp in enumerate(out["logprobs"]):
         assert torch.allclose(torch.tensor(lp), ref[i, :len(lp)], atol=1e-4)
+    # The entropies measured during generation are those of the same logits, summed over the response.
+    with torch.no_grad():
+        logits = worker.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"]).logits[:, batch["prompt_len"] - 1:-1]
+    ent = entropy_from_logits(logits, 0.7)
+    for i, r in enumerate(out["response_ids"]):
+        assert out["entropy_sum"][i] == pytest.approx(float(ent[i, :len(r)].sum()), rel=1e-4)
     # Same seed, same samples; another seed, other samples.
     again = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7), seed=0)
     assert again["response_ids"] == out["response_ids"]
