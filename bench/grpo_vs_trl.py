@@ -13,8 +13,8 @@ visible. Memory, from start-up to each side's last step (the checkpoint ours wri
 to do, is left out): `peak GB` is the peak of the RSS summed over the side's process tree (ours includes Ray's
 gcs/raylet and every actor), `sum GB` the sum of each process's own peak RSS; both count shared pages once per
 process, so they overstate a tree of processes like ours. `--memory pss` makes `peak GB` the peak summed PSS (shared
-pages split between the processes mapping them): exact, but too slow to read for a timing run. The last printed line is `ratio X` (ours / TRL, completions per second); with
---sweep it is the smallest ratio over the cells.
+pages split between the processes mapping them): exact, but too slow to read for a timing run. The last printed line
+is `ratio X` (ours / TRL, completions per second); with --sweep it is the smallest ratio over the cells.
 
 Per-phase seconds: generate, reward, logprobs (a separate log-prob pass over the rollout batch: TRL's old/ref
 log-probs, none on our side since the rollout returns them), train (forward/backward/optimizer), sync (weights into

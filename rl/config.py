@@ -360,7 +360,8 @@ class Config(Section):
             raise ValueError("learner.shared_prefix: runs the prompt with a KV cache, which packing and gradient "
                              "checkpointing do not keep; turn those off or this off")
         backend = self.rollout.backend
-        if backend != "transformers" and self.algorithm.name == "fgo" and self.algorithm.fgo.entropy == "mean_token_entropy":
+        full_entropy = self.algorithm.name == "fgo" and self.algorithm.fgo.entropy == "mean_token_entropy"
+        if backend != "transformers" and full_entropy:
             raise ValueError(f"algorithm.fgo.entropy: mean_token_entropy needs full-vocabulary entropies, which only "
                              f"rollout.backend transformers measures (got {backend}); use sampled_token_sum")
         if backend == "vllm":

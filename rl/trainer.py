@@ -65,7 +65,8 @@ def score(rewards: RewardGroup, cfg: Config, rows: list[dict], rollout: dict, gr
 def sampling_params(cfg: Config, n: int, greedy: bool = False) -> SamplingParams:
     r = cfg.rollout
     return SamplingParams(n=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                          top_k=r.top_k, greedy=greedy, batch_size=r.generate_batch_size, shared_prefix=r.shared_prefix)
+                          top_k=r.top_k, greedy=greedy, batch_size=r.generate_batch_size,
+                          shared_prefix=r.shared_prefix)
 
 
 def compute_advantages(cfg: Config, total: list[float], correct: list[float], rollout: dict) -> tuple[torch.Tensor, dict]:
@@ -310,8 +311,8 @@ class RolloutPipeline:
             self.pool.shutdown(wait=True)
 
     def _generate(self, step: int, rows: list[dict]) -> dict:
-        return self.rollouts.generate([r["prompt"] for r in rows], sampling_params(self.cfg, n=self.cfg.rollout.group_size),
-                                      seed=self.cfg.trainer.seed * 100003 + step)
+        params = sampling_params(self.cfg, n=self.cfg.rollout.group_size)
+        return self.rollouts.generate([r["prompt"] for r in rows], params, seed=self.cfg.trainer.seed * 100003 + step)
 
 
 def train_step(cfg: Config, step: int, rows: list[dict], rollouts: RolloutGroup, rewards: RewardGroup,
@@ -363,7 +364,8 @@ def log_eval(metrics: MetricsLogger, when: str, result: dict) -> dict:
     return result
 
 
-def save(cfg: Config, learner: LearnerGroup, sampler: PromptSampler, step: int, sampler_state: dict | None = None) -> float:
+def save(cfg: Config, learner: LearnerGroup, sampler: PromptSampler, step: int,
+         sampler_state: dict | None = None) -> float:
     """`sampler_state`: the data order right after step `step` drew its prompts (with max_staleness 1 the sampler
     has already drawn the next step's); default: the sampler's current state."""
     t = time.perf_counter()

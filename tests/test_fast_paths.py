@@ -48,7 +48,8 @@ def test_packed_loss_and_gradient_equal_padded(model):
         model.zero_grad()
         loss = _loss(response_logprobs(model, batch), batch, advantages)
         loss.backward()
-        grads.append((float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        grads.append((float(loss.detach()), grad))
     (loss_pad, g_pad), (loss_pack, g_pack) = grads
     assert abs(loss_pad - loss_pack) < 1e-6
     assert torch.linalg.vector_norm(g_pad) > 0
