@@ -106,6 +106,11 @@ def test_in_training_benchmark_eval_is_logged_beside_training_metrics(tmp_path):
     assert [(e["step"], e["benchmark"]) for e in evals] == [(1, "math500"), (1, "amc23"), (2, "math500"), (2, "amc23")]
     step1, step2 = out / "eval" / "step-000001", out / "eval" / "step-000002"
     assert len(_lines(step1 / "samples" / "math500.jsonl")) == 2
+    # The logged token mean is the mean over the saved samples of that step (not just a plausible number).
+    for r, folder in zip(rows, (step1, step2)):
+        for bench in ("math500", "amc23"):
+            tokens = [json.loads(line)["tokens"] for line in _lines(folder / "samples" / f"{bench}.jsonl")]
+            assert r[f"eval/{bench}/tokens_mean"] == pytest.approx(sum(tokens) / len(tokens))
     # The saved evals are `reasonrl eval` folders: compare works on them directly.
     res = compare(step1, step2, tmp_path / "cmp", n_boot=200, plots=False)
     assert set(res["benchmarks"]) == {"math500", "amc23"} and res["benchmarks"]["amc23"]["problems"] == 2
