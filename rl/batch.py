@@ -85,19 +85,24 @@ def prefix_pairs(prompt_ids: list[list[int]], response_ids: list[list[int]], pad
             "response_position_ids": lengths[:, None] + torch.arange(r_len)[None, :], "shared_prefix": True}
 
 
+def expand_cache(cache, index: torch.Tensor):
+    """A new KV cache whose row b is row index[b] of `cache` (distinct prompts -> their samples); differentiable."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                                        for layer in cache.layers])
+
+
 def _shared_prefix_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits [B, R, V] predicting each response token, running every distinct prompt once.
 
     The prompts' KV cache is expanded to the B sequences by index; gradients flow back through it into the prompt
     forward, summed over the group, which is what B separate forwards would give (tested against pad_pairs).
     """
-    from transformers import DynamicCache
-
     idx = batch["prompt_index"]
     head = model(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
                  position_ids=batch["prompt_position_ids"], use_cache=True, logits_to_keep=1)
-    cache = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, idx), layer.values.index_select(0, idx))
-                                         for layer in head.past_key_values.layers])
+    cache = expand_cache(head.past_key_values, idx)
     mask = torch.cat([batch["prompt_attention_mask"].index_select(0, idx),
                       batch["response_mask"].to(batch["prompt_attention_mask"].dtype)], dim=1)
     r_len = batch["response_input_ids"].shape[1]

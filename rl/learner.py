@@ -183,16 +183,21 @@ class LearnerRank:
                     totals["loss"] += float(loss.detach()) * weight
                     for k in ("clipped_tokens", "kl_sum", "ratio_sum", "tokens"):
                         totals[k] += float(stats[k]) * weight
-                # ZeRO-1/2/3 optimizers record the global norm; at stage 0 DeepSpeed records none, so take it from
-                # the (already all-reduced) gradients before the step consumes them.
-                own = _grad_norm(self.engine.module) if self.cfg.zero_stage == 0 else None
-                self.engine.step()
-                norm = self.engine.get_global_grad_norm()
-                norm = own if norm is None else norm
-                totals["grad_norm"] += float(norm) if norm is not None else 0.0
+                totals["grad_norm"] += self._optimizer_step()
                 totals["optimizer_steps"] += 1
         totals["lr"] = float(self.engine.get_lr()[0])
         return totals
+
+    def _optimizer_step(self) -> float:
+        """engine.step(); returns the global gradient norm it clipped by.
+
+        ZeRO-1/2/3 optimizers record that norm; at stage 0 DeepSpeed records none, so it is taken from the (already
+        all-reduced) gradients before the step consumes them."""
+        own = _grad_norm(self.engine.module) if self.cfg.zero_stage == 0 else None
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = own if norm is None else norm
+        return float(norm) if norm is not None else 0.0
 
     @torch.no_grad()
     def _attach_ref_logprobs(self, shard: list[dict]) -> None:
@@ -239,11 +244,7 @@ class LearnerRank:
                 totals["sign_correct"] += float((right["sign"].float() * pref).sum())
                 totals["ties"] += float((tie.float() * w).sum())
                 totals["pairs"] += float(w.sum())
-        own = _grad_norm(self.engine.module) if self.cfg.zero_stage == 0 else None  # stage 0 records no norm
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        norm = own if norm is None else norm
-        totals["grad_norm"] = float(norm) if norm is not None else 0.0
+        totals["grad_norm"] = self._optimizer_step()
         totals["lr"] = float(self.engine.get_lr()[0])
         return totals
 

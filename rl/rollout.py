@@ -15,6 +15,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from rl.algorithms import entropy_from_logits, token_logprobs
+from rl.batch import expand_cache
 from rl.models import load_policy, load_tokenizer
 
 
@@ -113,8 +114,6 @@ class RolloutWorker:
         index = [first.setdefault(p, i) for i, p in enumerate(prompts)]
         if not shared or len(first) == len(prompts) or enc["input_ids"].shape[1] < 2:
             return None
-        from transformers import DynamicCache
-
         rows = torch.tensor(sorted(first.values()), device=self.device)
         mask = enc["attention_mask"][rows, :-1]
         # Positions as generate computes them for left-padded prompts (pads are masked, their values do not matter).
@@ -122,8 +121,7 @@ class RolloutWorker:
                          position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
         slot = {row: k for k, row in enumerate(sorted(first.values()))}
         expand = torch.tensor([slot[i] for i in index], device=self.device)
-        return DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, expand), layer.values.index_select(0, expand))
-                                            for layer in out.past_key_values.layers])
+        return expand_cache(out.past_key_values, expand)
 
     def _generate_continuous(self, prompts: list[str], params: SamplingParams, seed: int, out: dict) -> None:
         """transformers continuous batching: a sequence that ends frees its slot for the next one, so one long
@@ -143,15 +141,8 @@ class RolloutWorker:
         if len(done) != len(ids):  # it logs and drops failed requests; a rollout batch must be complete
             raise RuntimeError(f"continuous batching returned {len(done)} of {len(ids)} sequences")
         for res, prompt_ids in zip(done, ids):
-            row = list(res.generated_tokens)
-            stop = tok.eos_token_id in row
-            n = row.index(tok.eos_token_id) + 1 if stop else len(row)
-            out["prompt_ids"].append(prompt_ids)
-            out["response_ids"].append(row[:n])
-            out["logprobs"].append(list(res.logprobs[:n]) if params.logprobs else [])
-            out["entropy_sum"].append(0.0)
-            out["finish_reason"].append("stop" if stop else "length")
-            out["text"].append(tok.decode(row[:n], skip_special_tokens=True))
+            self._append(out, prompt_ids, list(res.generated_tokens), list(res.logprobs) if params.logprobs else [],
+                         None)  # no entropies from the continuous-batching sampler
 
     def _generate_chunk(self, prompts: list[str], params: SamplingParams, out: dict) -> None:
         tok = self.tokenizer
@@ -166,15 +157,19 @@ class RolloutWorker:
         mask = enc["attention_mask"].cpu().bool()
         ids = enc["input_ids"].cpu()
         for i in range(len(prompts)):
-            row = new_tokens[i].tolist()
-            stop = tok.eos_token_id in row
-            n = row.index(tok.eos_token_id) + 1 if stop else len(row)  # keep the EOS: it is a sampled action
-            out["prompt_ids"].append(ids[i][mask[i]].tolist())
-            out["response_ids"].append(row[:n])
-            out["logprobs"].append(lp[i, :n].tolist())
-            out["entropy_sum"].append(float(ent[i, :n].sum()))
-            out["finish_reason"].append("stop" if stop else "length")
-            out["text"].append(tok.decode(row[:n], skip_special_tokens=True))
+            self._append(out, ids[i][mask[i]].tolist(), new_tokens[i].tolist(), lp[i].tolist(), ent[i])
+
+    def _append(self, out: dict, prompt_ids: list[int], row: list[int], logprobs: list[float], entropies) -> None:
+        """One sample, cut after its first EOS (kept: it is a sampled action); `entropies` None: not measured."""
+        tok = self.tokenizer
+        stop = tok.eos_token_id in row
+        n = row.index(tok.eos_token_id) + 1 if stop else len(row)
+        out["prompt_ids"].append(prompt_ids)
+        out["response_ids"].append(row[:n])
+        out["logprobs"].append(logprobs[:n])
+        out["entropy_sum"].append(0.0 if entropies is None else float(entropies[:n].sum()))
+        out["finish_reason"].append("stop" if stop else "length")
+        out["text"].append(tok.decode(row[:n], skip_special_tokens=True))
 
 
 class StepStats:
