@@ -196,7 +196,7 @@ def _status_kb(pid: int) -> tuple[int, int]:
 
 
 class Side:
-    """One worker process, its step reports and the peak PSS of its process tree."""
+    """One worker process, its step reports and the peak memory of its process tree."""
 
     def __init__(self, name: str, spec_path: Path, log_path: Path, memory: str = "rss"):
         self.name, self.reports, self.peak_bytes, self.process_peaks, self.memory = name, [], 0, {}, memory

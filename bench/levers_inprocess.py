@@ -4,7 +4,8 @@ every variant alike (separate runs of bench/grpo_vs_trl.py differ by ~10% on thi
     python bench/levers_inprocess.py --rounds 3        # writes bench/results/levers_inprocess.json
 
 Generation (SmolLM2, the bench's 8 prompts x 4 samples x 64 tokens, temperature 1, through RolloutWorker):
-`generate` with and without the shared prompt prefill, and transformers continuous batching. Training (the responses
+`generate` with and without the shared prompt prefill, with our inverse-CDF sampler or transformers' multinomial,
+and transformers continuous batching. Training (the responses
 of one such rollout, micro-batches of 8, forward + backward of the GRPO loss, no optimizer step): padded,
 shared-prefix and packed layouts.
 """
@@ -33,6 +34,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--generation-only", action="store_true", help="skip the training layouts")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "levers_inprocess.json"))
     args = ap.parse_args()
 
@@ -42,17 +44,21 @@ def main() -> int:
            "continuous": RolloutWorker(path, backend="continuous")}
     tok = gen["generate"].tokenizer
     prompts = [render_prompt(tok, r["problem"], SYSTEM_PROMPT) for r in generate_arith(0, 8, 1, 0)["train"]]
-    variants = {"generate, shared prompt prefill": ("generate", True), "generate, no prefill sharing":
-                ("generate", False), "continuous batching": ("continuous", True)}
+    variants = {"generate, shared prompt prefill": ("generate", True, "inverse_cdf"),
+                "generate, shared prefill, torch.multinomial": ("generate", True, "multinomial"),
+                "generate, no prefill sharing": ("generate", False, "inverse_cdf"),
+                "continuous batching": ("continuous", True, "inverse_cdf")}
     model = load_policy(path).train()
     layouts = {"padded": lambda p, r: pad_pairs(p, r, tok.pad_token_id), "shared prefix":
                lambda p, r: prefix_pairs(p, r, tok.pad_token_id), "packed": pack_pairs}
+    if args.generation_only:
+        layouts = {}
     seconds: dict[str, list[float]] = {name: [] for name in [*variants, *layouts]}
     tokens: dict[str, list[int]] = {name: [] for name in variants}
     rollout = None
     for rnd in range(args.rounds):
-        for name, (backend, shared) in variants.items():
-            params = SamplingParams(n=4, max_new_tokens=64, temperature=1.0, shared_prefix=shared)
+        for name, (backend, shared, sampler) in variants.items():
+            params = SamplingParams(n=4, max_new_tokens=64, temperature=1.0, shared_prefix=shared, sampler=sampler)
             t = time.perf_counter()
             out = gen[backend].generate(prompts, params, seed=rnd)
             seconds[name].append(time.perf_counter() - t)

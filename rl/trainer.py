@@ -66,7 +66,7 @@ def sampling_params(cfg: Config, n: int, greedy: bool = False) -> SamplingParams
     r = cfg.rollout
     return SamplingParams(n=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                           top_k=r.top_k, greedy=greedy, batch_size=r.generate_batch_size,
-                          shared_prefix=r.shared_prefix)
+                          shared_prefix=r.shared_prefix, sampler=r.sampler)
 
 
 def compute_advantages(cfg: Config, total: list[float], correct: list[float], rollout: dict) -> tuple[torch.Tensor, dict]:

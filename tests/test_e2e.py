@@ -3,6 +3,8 @@
 Slow (about a minute each): they start Ray actors and DeepSpeed process groups for real.
 """
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -101,8 +103,13 @@ def test_rollout_logprobs_match_learner_after_sync(tmp_path, stage):
                 for p, r, lp, a in zip(first["prompt_ids"], first["response_ids"], first["logprobs"],
                                        [1.0, -1.0] * 4)]
         learner.train(seqs, mini_batches=1, max_len=12)
-        rollouts.load_weights(learner.weights(), version=1)
+        rollouts.sync_weights(learner, version=1)
+        # On-policy the driver pins no weights object between syncs (a restarted worker fetches them again).
+        assert rollouts.weights is None and rollouts.refetch is not None
+        if stage == 2:  # a rollout worker killed now comes back with the initial weights: it must be resynced
+            os.kill(rollouts.nodes()[0]["pid"], signal.SIGKILL)
         out = rollouts.generate(prompts, params, seed=2)
+        assert rollouts.restarted == (stage == 2) and rollouts.nodes()[0]["weights_version"] == 1
         ours = learner.logprobs(out["prompt_ids"], out["response_ids"])
         for roll, learn in zip(out["logprobs"], ours):
             assert torch.allclose(torch.tensor(roll), torch.tensor(learn), atol=1e-4)

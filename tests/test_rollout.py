@@ -6,7 +6,7 @@ import torch
 from rl.algorithms import entropy_from_logits
 from rl.batch import pad_pairs, response_logprobs
 from rl.models import resolve_model
-from rl.rollout import RolloutWorker, SamplingParams
+from rl.rollout import CategoricalSampler, RolloutWorker, SamplingParams
 
 PROMPTS = ["<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n", "Count: one, two,"]
 
@@ -16,8 +16,9 @@ def worker():
     return RolloutWorker(resolve_model("tiny:llama"), num_threads=1)
 
 
-def test_groups_are_contiguous_and_logprobs_match_a_forward_pass(worker):
-    out = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7), seed=0)
+@pytest.mark.parametrize("sampler", ["inverse_cdf", "multinomial"])
+def test_groups_are_contiguous_and_logprobs_match_a_forward_pass(worker, sampler):
+    out = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7, sampler=sampler), seed=0)
     assert len(out["response_ids"]) == 6
     assert out["prompt_ids"][0] == out["prompt_ids"][2] != out["prompt_ids"][3]
     assert all(reason == "length" and len(r) == 8 for reason, r in zip(out["finish_reason"], out["response_ids"]))
@@ -34,9 +35,38 @@ def test_groups_are_contiguous_and_logprobs_match_a_forward_pass(worker):
     for i, r in enumerate(out["response_ids"]):
         assert out["entropy_sum"][i] == pytest.approx(float(ent[i, :len(r)].sum()), rel=1e-4)
     # Same seed, same samples; another seed, other samples.
-    again = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7), seed=0)
+    again = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7, sampler=sampler), seed=0)
     assert again["response_ids"] == out["response_ids"]
-    assert worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8), seed=1)["response_ids"] != out["response_ids"]
+    other = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, sampler=sampler), seed=1)
+    assert other["response_ids"] != out["response_ids"]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.7)])
+def test_categorical_sampler_draws_from_the_warped_distribution(temperature, top_k, top_p):
+    """Frequencies of 40k draws match the distribution after temperature, top-k and top-p (computed here by hand),
+    masked tokens are never drawn, and the output is a one-hot score row for generate's greedy step."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf"), 1.5])
+    probs = torch.softmax(logits / temperature, -1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    if top_k:
+        keep[order[:top_k]] = True
+    elif top_p < 1.0:  # smallest set of top tokens whose mass reaches top_p
+        mass = probs[order].cumsum(0)
+        keep[order[:int((mass < top_p).sum()) + 1]] = True
+    else:
+        keep[:] = True
+    expected = torch.where(keep, probs, 0.0)
+    expected = expected / expected.sum()
+    n = 40_000
+    torch.manual_seed(0)
+    scores = CategoricalSampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))(
+        torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1))
+    assert ((scores == 0).sum(-1) == 1).all() and ((scores == float("-inf")).sum(-1) == len(logits) - 1).all()
+    freq = torch.bincount(scores.argmax(-1), minlength=len(logits)).double() / n
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert (freq[expected == 0] == 0).all()
+    assert ((freq - expected).abs() <= 5 * sigma + 1e-12).all(), (freq, expected)
 
 
 def test_no_hidden_top_k(worker):
@@ -83,3 +113,4 @@ def test_load_weights_changes_the_policy_and_rejects_foreign_state(worker):
     worker.load_weights(original, version=5)
     assert worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0)["logprobs"] == \
         before["logprobs"]
+
