@@ -82,8 +82,8 @@ class RolloutGroup:
         self.workers = [actor.options(**placement.options("rollout", i), max_restarts=cfg.placement.max_restarts,
                                       max_task_retries=0).remote(*args) for i in range(n)]
         self.cfg, self.max_restarts, self.watchdog = cfg, cfg.placement.max_restarts, cfg.trainer.watchdog_seconds
-        self.weights = None  # (ref, version) of the last object-store sync, replayed into a restarted worker
-        self.refetch = None  # or, on-policy: the learner's weights() (they equal the last sync whenever we generate)
+        # Object-store sync: a callable returning the last synced weights (an ObjectRef) for a restarted worker.
+        self.weights_source = None
         self.resync = None  # set by rl.weight_sync.CollectiveSync: how a restarted worker gets current weights
         self.restarted = False
         self.collective = None
@@ -100,14 +100,12 @@ class RolloutGroup:
         self.restarted = True
         if self.resync is not None:
             self.resync(worker)
-        elif self.weights is not None:
-            ray.get(worker.load_weights.remote(*self.weights))
-        elif self.refetch is not None:
-            ray.get(worker.load_weights.remote(self.refetch(), self.version))
+        elif self.weights_source is not None:
+            ray.get(worker.load_weights.remote(self.weights_source(), self.version))
 
-    def load_weights(self, weights_ref, version: int, keep: bool = True) -> None:
-        """`keep`: hold the ref for replay into a restarted worker (else set `refetch`)."""
-        self.weights = (weights_ref, version) if keep else None
+    def load_weights(self, weights_ref, version: int, source=None) -> None:
+        """`source`: how a restarted worker gets these weights later (default: this ref, kept alive)."""
+        self.weights_source = source or (lambda: weights_ref)
         call_all("rollout", "load_weights", [(w, (weights_ref, version)) for w in self.workers], self.watchdog,
                  self.max_restarts)
         self.version = version
@@ -119,9 +117,8 @@ class RolloutGroup:
             # weights and a restarted worker can fetch them from it again: keeping the ref would pin a second copy
             # of the weights (0.54 GB for 135M in fp32) in the object store through every train phase. One step
             # off-policy the learner trains while the workers generate, so the synced version must be kept.
-            keep = bool(self.cfg.trainer.max_staleness)
-            self.load_weights(learner.weights(), version, keep=keep)
-            self.refetch = None if keep else learner.weights
+            self.load_weights(learner.weights(), version,
+                              source=None if self.cfg.trainer.max_staleness else learner.weights)
             return
         if self.collective is None:
             from rl.weight_sync import CollectiveSync
