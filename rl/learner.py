@@ -307,8 +307,8 @@ class LearnerRank:
         self._sync = None
         self._sync = Endpoint(*args[:2], rank, *args[2:])
 
-    def broadcast_weights(self) -> float | None:
-        """All ranks take part (ZeRO-3 gathers are collective); rank 0 broadcasts and returns the sum it sent."""
+    def broadcast_weights(self) -> int | None:
+        """All ranks take part (ZeRO-3 gathers are collective); rank 0 broadcasts and returns the checksum it sent."""
         ctx, params = self._full_params()
         with ctx:
             return self._sync.send(params) if self.rank == 0 else None

@@ -78,8 +78,8 @@ class RolloutWorker:
         self._sync = Endpoint(*args[:2], rank, *args[2:])
         self._sync.check(list(self.model.named_parameters()))
 
-    def receive_weights(self, version: int) -> float:
-        """Receive learner rank 0's broadcast; returns the sum of what arrived (checked by the driver)."""
+    def receive_weights(self, version: int) -> int:
+        """Receive learner rank 0's broadcast; returns the checksum of what arrived (checked by the driver)."""
         if getattr(self, "_sync", None) is None:
             from rl.watchdog import StaleWeightsError
 

@@ -23,6 +23,12 @@ def test_overrides_are_typed_and_nested():
     assert Config().rollout.temperature == 1.0  # defaults untouched
 
 
+def test_weight_sync_default_is_resolved_and_written_to_the_run_config():
+    assert Config().weight_sync.mode == "collective"
+    assert load_config(ROOT / "configs/demo.yaml", ["weight_sync.mode=object_store"]).weight_sync.mode == "object_store"
+    assert yaml.safe_load(dump_config(Config()))["weight_sync"]["mode"] == "collective"
+
+
 @pytest.mark.parametrize("override, key, hint", [
     ("rollout.temprature=0.8", "rollout.temprature", "did you mean 'temperature'"),
     ("learner.zero_stage=1", "learner.zero_stage", "0, 2 or 3"),

@@ -62,10 +62,26 @@ def test_collective_broadcast_delivers_rank0_weights_in_buckets():
     before = dict(_model(seed=2).named_parameters())
     for rank in (1, 2):
         total, state, _ = out[rank]
-        assert total == pytest.approx(sent, rel=1e-12)
+        assert total == sent
         for name, value in source.items():
             assert (state[name] == value).all(), (rank, name)
     assert not (before["1.weight"].detach().numpy() == source["1.weight"]).all()  # the receivers really changed
+
+
+def test_checksum_is_exact_and_independent_of_summation_order():
+    from rl.weight_sync import checksum
+
+    flat = torch.randn(1 << 20)
+    sums, threads = {checksum(flat), checksum(flat.flip(0).contiguous())}, torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)  # a different reduction split
+    try:
+        sums.add(checksum(flat))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(sums) == 1
+    changed = flat.clone()
+    changed[12345] = torch.nextafter(changed[12345], torch.tensor(float("inf")))  # one ulp of one element
+    assert checksum(changed) != checksum(flat)
 
 
 def test_endpoint_rejects_a_different_model():
