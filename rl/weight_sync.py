@@ -138,9 +138,10 @@ class Endpoint:
         """Receive every bucket (into the parameter itself, or a staging buffer then copied into the parameters;
         bucket k+1 arrives while bucket k is unpacked); returns the checksum of what arrived."""
         buckets = [[named_params[i][1].data for i in bucket] for bucket in self.plan]
+        direct = [self._direct(params) for params in buckets]
 
         def start(k: int) -> tuple:
-            if self._direct(buckets[k]):
+            if direct[k]:
                 flat = buckets[k][0].view(-1)
             else:
                 flat = self._flat(sum(p.numel() for p in buckets[k]), k % 2)
@@ -153,7 +154,7 @@ class Endpoint:
             if k + 1 < len(buckets):
                 next_ = start(k + 1)  # its buffer's previous bucket (k-1) was unpacked last iteration
             total += checksum(flat)
-            if not self._direct(params):
+            if not direct[k]:
                 offset = 0
                 for param in params:
                     param.copy_(flat[offset:offset + param.numel()].view_as(param))  # casts to its dtype/device

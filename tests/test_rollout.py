@@ -113,4 +113,3 @@ def test_load_weights_changes_the_policy_and_rejects_foreign_state(worker):
     worker.load_weights(original, version=5)
     assert worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0)["logprobs"] == \
         before["logprobs"]
-
