@@ -136,12 +136,11 @@ def trl_worker(spec: dict) -> None:
 
 
 def ours_worker(spec: dict) -> None:
-    from rl.config import load_config
-    from rl.trainer import train
+    from launch.run import load_training_config, train_run
 
     config = Path(spec["out_dir"]) / "bench.yaml"
     config.write_text(json.dumps(ours_config(spec)))  # JSON is YAML
-    cfg = load_config(config, spec["overrides"])
+    cfg = load_training_config(config, spec["overrides"])
     n = spec["prompts_per_step"] * spec["group_size"]
     state = {"t_go": 0.0}
 
@@ -158,7 +157,7 @@ def ours_worker(spec: dict) -> None:
         if step < spec["total_steps"]:
             state["t_go"] = _wait_go()
 
-    train(cfg, step_callback=pace)
+    train_run(cfg, step_callback=pace)
 
 
 def ours_config(spec: dict) -> dict:

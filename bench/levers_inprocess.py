@@ -1,5 +1,6 @@
 """Each speed lever of one GRPO step, measured in one process, interleaved round by round so that machine noise hits
-every variant alike (separate runs of bench/grpo_vs_trl.py differ by ~10% on this VM even with identical code).
+every variant alike (separate runs of bench/grpo_vs_trl.py differ noticeably even with identical code on a shared
+machine; docs/performance.md).
 
     python bench/levers_inprocess.py --rounds 3        # writes bench/results/levers_inprocess.json
 
@@ -62,17 +63,17 @@ def main() -> int:
             t = time.perf_counter()
             out = gen[backend].generate(prompts, params, seed=rnd)
             seconds[name].append(time.perf_counter() - t)
-            tokens[name].append(sum(map(len, out["response_ids"])))
+            tokens[name].append(sum(map(len, out.response_ids)))
             rollout = rollout or out
             print(f"round {rnd} {name}: {seconds[name][-1]:.1f} s, {tokens[name][-1]} tokens", flush=True)
-        adv = torch.randn(len(rollout["response_ids"]))
+        adv = torch.randn(len(rollout.response_ids))
         for name, layout in layouts.items():
             model.zero_grad(set_to_none=True)
             t = time.perf_counter()
-            n_tok = float(sum(map(len, rollout["response_ids"])))
+            n_tok = float(sum(map(len, rollout.response_ids)))
             for a in range(0, len(adv), args.micro_batch):
-                batch = layout(rollout["prompt_ids"][a:a + args.micro_batch],
-                               rollout["response_ids"][a:a + args.micro_batch])
+                batch = layout(rollout.prompt_ids[a:a + args.micro_batch],
+                               rollout.response_ids[a:a + args.micro_batch])
                 lp = response_logprobs(model, batch)
                 loss, _ = policy_loss(lp, lp.detach(), adv[a:a + args.micro_batch], batch["response_mask"],
                                       num_tokens=n_tok, num_seqs=len(adv))

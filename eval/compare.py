@@ -15,7 +15,8 @@ from eval.stats import paired_difference_ci, paired_ratio_ci
 from rl.data import DataError
 from rl.fsutil import write_atomic
 
-# Settings that make two evals measure different things; a difference is reported, not hidden (peers.md §5.10).
+# Settings that make two evals measure different things (greedy vs sampled decoding, budget and answer extraction
+# are the usual reasons an in-training score and an offline one disagree); a difference is reported, not hidden.
 _COMPARABLE = ("greedy", "temperature", "top_p", "max_new_tokens", "samples", "system_prompt", "prompt_suffix",
                "verifier")
 

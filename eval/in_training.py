@@ -1,4 +1,5 @@
-"""In-training benchmark eval (`trainer.eval_every`): the code path of `reasonrl eval`, run by the driver loop.
+"""In-training benchmark eval (`trainer.eval_every`): the code path of `reasonrl eval`, run as a hook of the trainer
+loop (launch/run.py builds it; rl never imports eval).
 
 Every `eval_every` steps the configured benchmark subset goes through eval.runner.generate_records on the
 training rollout workers (current weights) and a math_verify reward worker, eval.metrics computes the same numbers
@@ -8,25 +9,61 @@ eval's samples land in `<run>/eval/step-N/` in the `reasonrl eval` layout, so `r
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 
-from eval.benchmarks import data_dir_from, load_benchmark, parse_benchmarks, slug
+from eval.benchmarks import BENCHMARKS, data_dir_from, load_benchmark, parse_benchmarks, slug
 from eval.metrics import benchmark_metrics
 from eval.runner import (SAMPLES_DIR, SETTINGS_FILE, VERIFIER, EvalSettings, chunk_seed, generate_records,
                          write_metrics, write_samples)
-from rl.config import Config, RewardConfig, RewardFunction
-from rl.data import render_prompt
+from rl.config import Config, ConfigError, RewardConfig, RewardFunction
+from rl.data import DataError, render_prompt
 from rl.fsutil import write_atomic
+from rl.models import load_tokenizer, resolve_model
+
+KEY = "trainer.eval_benchmarks"
+
+
+def check_eval_benchmarks(cfg: Config) -> Config:
+    """Check `trainer.eval_benchmarks` and store it normalised (stripped, in order, without duplicates).
+
+    rl.config cannot know benchmark names (rl never imports eval), so the launch layer calls this on every path
+    that loads a training config, before any actor starts. Raises ConfigError naming the key, in one line.
+    """
+    names = cfg.trainer.eval_benchmarks
+    try:
+        cfg.trainer.eval_benchmarks = parse_benchmarks(names)
+    except DataError as err:
+        raise ConfigError(f"config key '{KEY}': {err}{_did_you_mean(names)}") from None
+    return cfg
+
+
+def _did_you_mean(names: list[str]) -> str:
+    for name in names:
+        try:
+            parse_benchmarks([name])
+        except DataError:
+            close = difflib.get_close_matches(name.strip(), list(BENCHMARKS), n=1)
+            return f"; did you mean {close[0]!r}?" if close else ""
+    return ""
 
 
 class BenchmarkEval:
-    def __init__(self, cfg: Config, tokenizer):
-        t, r = cfg.trainer, cfg.rollout
+    """The benchmark eval as a hook of rl.trainer.train: `due(step)`, `run(step, run) -> metrics entries`, `close()`.
+
+    Everything that can be wrong with the inputs (benchmark names, files, the data folder) fails here, at
+    construction, before Ray starts: the benchmarks are loaded and their prompts rendered now, with the policy's own
+    tokenizer (loaded here, so the hook needs nothing from the trainer but the config).
+    """
+
+    def __init__(self, cfg: Config):
+        t, r = check_eval_benchmarks(cfg).trainer, cfg.rollout
         self.cfg, self.every = cfg, t.eval_every
+        tokenizer = load_tokenizer(resolve_model(cfg.model.path, cfg.model.cache_dir))
         folder = data_dir_from(t.eval_data_dir)
         self.sets, self.stats = [], {}
-        for name in parse_benchmarks(t.eval_benchmarks):  # loaded now: a bad name or file fails before Ray starts
+        for name in t.eval_benchmarks:
             rows, stats = load_benchmark(name, folder, t.eval_limit)
             prompts = [render_prompt(tokenizer, row["problem"], cfg.data.system_prompt, cfg.data.prompt_suffix)
                        for row in rows]
@@ -40,21 +77,17 @@ class BenchmarkEval:
         self._rewards = None
 
     @classmethod
-    def from_config(cls, cfg: Config, tokenizer) -> "BenchmarkEval | None":
-        return cls(cfg, tokenizer) if cfg.trainer.eval_every else None
-
-    @property
-    def workers(self) -> list:
-        """The verifier's actors, so rl.cluster.shutdown(..., this) stops them with the run's other groups."""
-        return self._rewards.workers if self._rewards is not None else []
+    def from_config(cls, cfg: Config) -> "BenchmarkEval | None":
+        return cls(cfg) if cfg.trainer.eval_every else None
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def run(self, step: int, rollouts, metrics) -> dict:
-        """Evaluate every benchmark at the current weights; returns `eval/<benchmark>/<metric>` values for the step's
-        metrics row and logs the full metrics as a `benchmark_eval` event."""
-        from rl.cluster import RewardGroup
+    def run(self, step: int, run) -> dict:
+        """Evaluate every benchmark at the current weights (`run`: the trainer's view of the run: rollouts, weights,
+        metrics); returns `eval/<benchmark>/<metric>` values for the step's metrics row and logs the full metrics as
+        a `benchmark_eval` event."""
+        from rl.cluster import RewardGroup  # ray and torch: imported once an eval is due, not to check a config
 
         if self._rewards is None:  # its own verifier-only worker: training rewards may not include math_verify
             cfg = self.cfg.model_copy(deep=True)
@@ -65,16 +98,17 @@ class BenchmarkEval:
         (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
         params, row, results = self.settings.sampling(), {}, {}
         for name, rows, prompts in self.sets:
-            records, fails = generate_records(rollouts, self._rewards, rows, prompts, params,
-                                              chunk_seed(self.settings.seed + step, name, 0), name)
+            records, fails = generate_records(run.rollouts, self._rewards, rows, prompts, params,
+                                              chunk_seed(self.settings.seed + step, name, 0), name, run.weights)
             write_samples(out / SAMPLES_DIR / f"{name}.jsonl", records)
             m = results[name] = dict(benchmark_metrics(records, seed=self.settings.seed), **fails)
-            metrics.log_event("benchmark_eval", {"step": step, "benchmark": name, **m})
+            run.metrics.log_event("benchmark_eval", {"step": step, "benchmark": name, **m})
             n = str(m["samples_per_problem"])
             row.update({f"eval/{name}/accuracy": m["accuracy"], f"eval/{name}/accuracy_lo": m["accuracy_ci"][0],
                         f"eval/{name}/accuracy_hi": m["accuracy_ci"][1], f"eval/{name}/pass@{n}": m["pass_at_k"][n],
                         f"eval/{name}/tokens_mean": m["tokens"]["mean"],
-                        f"eval/{name}/truncation_rate": m["truncation_rate"], f"eval/{name}/act": float("nan") if m["act"] is None else m["act"]})
+                        f"eval/{name}/truncation_rate": m["truncation_rate"],
+                        f"eval/{name}/act": float("nan") if m["act"] is None else m["act"]})
             print(f"step {step} {name}: accuracy {m['accuracy']:.3f} [{m['accuracy_ci'][0]:.3f}, "
                   f"{m['accuracy_ci'][1]:.3f}], {m['tokens']['mean']:.0f} tokens", flush=True)
         meta = {"model": f"{self.cfg.model.path}@step-{step}", "system_prompt": self.cfg.data.system_prompt,
@@ -83,3 +117,11 @@ class BenchmarkEval:
         write_atomic(out / SETTINGS_FILE, json.dumps(meta, indent=2) + "\n")
         write_metrics(out, results, {"step": step})
         return row
+
+    def close(self) -> None:
+        """Stop the verifier worker (if an eval started one); the trainer calls it however the run ends."""
+        if self._rewards is not None:
+            from rl.cluster import shutdown  # already imported by run(): the worker exists only after one
+
+            shutdown(self._rewards)
+            self._rewards = None

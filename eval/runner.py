@@ -1,6 +1,7 @@
 """`reasonrl eval`: generate on benchmarks through the training rollout workers, score with the training verifier.
 
-Why it is built from the training pieces rather than beside them (peers.md §5.10, §6): generation goes through
+Why it is built from the training pieces rather than beside them: an eval that decodes, budgets or extracts answers
+differently from training reports numbers that disagree with the training signal. So generation goes through
 rl.cluster.RolloutGroup (data-parallel over Ray workers, the same `generate` and sampling config as training), prompts
 through rl.data.render_prompt with the template of the run that produced the checkpoint (its config.yaml), and
 scoring through rl.cluster.RewardGroup with the `math_verify` reward (`rewards.resolve("math_verify")`, in an
@@ -23,17 +24,24 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eval.benchmarks import data_dir_from, load_benchmark, slug
 from eval.metrics import benchmark_metrics, markdown_table
-from rl.metrics import read_metrics
+from rewards.isolation import IsolatedRewards, cap_log_messages
+from rewards.math import last_boxed
 from rl.config import Config, ConfigError, RewardConfig, RewardFunction, load_config
 from rl.data import render_prompt
 from rl.fsutil import write_atomic
+from rl.metrics import read_metrics
 from rl.models import ModelError, load_tokenizer, resolve_model
-from rl.rollout import SamplingParams
+from rl.scoring import score_batch
+
+if TYPE_CHECKING:  # rl.rollout imports torch and transformers: only where generation really happens
+    from rl.rollout import SamplingParams
 
 log = logging.getLogger("reasonrl.eval")
+cap_log_messages(log)  # its verifier-failure warnings quote the verifier's errors
 
 VERIFIER = "math_verify"  # the training reward's registry name: the same function scores training and eval
 SETTINGS_FILE, METRICS_FILE, TABLE_FILE, SAMPLES_DIR = "eval_config.json", "metrics.json", "results.md", "samples"
@@ -64,6 +72,8 @@ class EvalSettings:
                               f"{self.top_p}")
 
     def sampling(self) -> SamplingParams:
+        from rl.rollout import SamplingParams  # torch: kept off the import path of `reasonrl --help` and config checks
+
         return SamplingParams(n=self.samples, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=0, greedy=self.greedy, batch_size=self.batch_size,
                               logprobs=False)
@@ -97,7 +107,7 @@ def locate_model(spec: str) -> tuple[str, Path | None]:
 
 def check_model(path: str) -> None:
     """Fail with one line before any actor starts if the folder is not a loadable causal LM."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: only for an eval that is about to run
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -130,28 +140,21 @@ def eval_config(model_spec: str, run_config: Path | None, config_path: str | Non
 # ------------------------------------------------------------------------------------ generation + scoring
 
 def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], params: SamplingParams, seed: int,
-                     benchmark: str) -> tuple[list[dict], dict]:
+                     benchmark: str, weights=None) -> tuple[list[dict], dict]:
     """Generate `params.n` responses per prompt on the rollout workers and score them with the verifier on the
-    reward workers. Returns (one record per response, verifier failure counts)."""
-    from rewards.math import last_boxed
-
+    reward workers, through rl.scoring (the columns and verdict training uses). `weights`: the run's weight-sync
+    owner when called from a training run (the workers must hold its version), None in a standalone eval.
+    Returns (one record per response, verifier failure counts)."""
     k = params.n
-    out = rollouts.generate(prompts, params, seed)
-    expanded = [p for p in prompts for _ in range(k)]
-    columns = {"answer": [r["answer"] for r in rows for _ in range(k)],
-               "completion_ids": out["response_ids"],
-               "completion_tokens": [len(ids) for ids in out["response_ids"]],
-               "finish_reason": out["finish_reason"],
-               "group_id": [g for g in range(len(rows)) for _ in range(k)]}  # training's reward columns
-    result = rewards.score(expanded, out["text"], columns, group_size=k)
-    scores = result.scores[VERIFIER]
+    batch = rollouts.generate(prompts, params, seed, weights=weights)
+    scored = score_batch(rewards, rows, prompts, batch, k, {VERIFIER: 1.0}, VERIFIER)
+    result, scores = scored.result, scored.result.scores[VERIFIER]
     records = []
-    for i, text in enumerate(out["text"]):
+    for i, (text, tokens) in enumerate(zip(batch.text, batch.tokens)):
         row = rows[i // k]
         records.append({"benchmark": benchmark, "problem_id": row["id"], "sample": i % k, "answer": row["answer"],
-                        "completion": text, "tokens": len(out["response_ids"][i]),
-                        "finish_reason": out["finish_reason"][i], "extracted": last_boxed(text),
-                        "correct": bool(scores[i] > 0.5), "score": float(scores[i])})
+                        "completion": text, "tokens": tokens, "finish_reason": batch.finish_reason[i],
+                        "extracted": last_boxed(text), "correct": bool(scored.correct[i]), "score": float(scores[i])})
     failures = {"verifier_failures": result.failures.get(VERIFIER, 0),
                 "verifier_timeouts": result.timeouts.get(VERIFIER, 0)}
     if result.errors:
@@ -277,6 +280,7 @@ def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalS
 
 
 def _generate_all(cfg, model_path, out, loaded, plan, done, params, seed, failures, progress) -> None:
+    # Ray and torch (through rl.cluster) only once every input is checked and there is something to generate.
     import ray.exceptions
     from tqdm import tqdm
 
@@ -322,9 +326,6 @@ def _generate_all(cfg, model_path, out, loaded, plan, done, params, seed, failur
 
 def rescore(out: str | Path, timeout: float | None = 30.0) -> dict:
     """Re-verify every saved response of an eval folder (no generation) and rewrite its samples and metrics."""
-    from rewards.isolation import IsolatedRewards
-    from rewards.math import last_boxed
-
     out = Path(out)
     if not (out / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"--rescore: {out} has no {SETTINGS_FILE} (not an eval folder)")

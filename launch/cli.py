@@ -4,13 +4,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from rl.config import ConfigError, load_config
+from launch.eval_cli import add_eval_commands
+from launch.preference_cli import add_preference_commands
+from launch.submit import add_commands as add_job_commands
+from rl import checkpoint
+from rl.config import ConfigError
+from rl.data import DataError
+from rl.models import ModelError
 
 
 def _train(args) -> int:
+    # launch.run pulls in the reward registry (math-verify, sympy): imported per command, so `reasonrl --help`
+    # stays instant. load_config validates the reward specs through the same registry, so config errors cost the same.
+    from launch.run import load_training_config, train_run
+
     if args.resume:
         run_dir = Path(args.resume)
         if args.config and Path(args.config).is_file():
@@ -18,19 +29,21 @@ def _train(args) -> int:
         overrides = ([args.config] if args.config else []) + args.overrides  # a lone override lands in `config`
         # The folder given is the run, wherever it was moved or whatever the working directory is now.
         overrides.append(f"trainer.output_dir={run_dir.resolve()}")
-        cfg = load_config(run_dir / "config.yaml", overrides, name=run_dir.name)
+        cfg = load_training_config(run_dir / "config.yaml", overrides, name=run_dir.name)
     else:
         if not args.config:
             raise ConfigError("reasonrl train needs a config file (e.g. configs/demo.yaml) or --resume RUN_DIR")
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_training_config(args.config, args.overrides)
+    # Ray (and, through rl.trainer, torch): only once the config is known to be valid.
     import ray.exceptions
 
-    from rl import checkpoint
-    from rl.trainer import train  # heavy imports only after the config is known to be valid
+    from rl.trainer import RunInterrupted
     from rl.watchdog import StuckError
 
     try:
-        summary = train(cfg, resume=bool(args.resume))
+        summary = train_run(cfg, resume=bool(args.resume))
+    except RunInterrupted as err:
+        return _interrupted(err)
     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as err:
         # A worker died (OOM, kill, crash). Checkpoints are written atomically, so the last one is intact.
         last = checkpoint.latest(cfg.trainer.output_dir)
@@ -50,12 +63,35 @@ def _train(args) -> int:
     return 0
 
 
+def _interrupted(err, again: str | None = None) -> int:
+    """One line for a run stopped by Ctrl-C / SIGTERM (the trainer already shut every actor down); the shell's
+    convention for death by signal, 128 + the signal number (130 SIGINT, 143 SIGTERM)."""
+    out = err.output_dir
+    if err.checkpoint is not None:
+        where, how = f"last complete checkpoint: {err.checkpoint}", f"continue with: reasonrl train --resume {out}"
+    else:  # --resume needs a checkpoint; the run's saved config restarts it in the same folder
+        where = "no checkpoint written yet"
+        how = f"start it again with: reasonrl train {Path(out) / 'config.yaml'} trainer.overwrite=true"
+    print(f"reasonrl: interrupted ({err.signal_name}) after step {err.step}; {where}; {again or how}",
+          file=sys.stderr, flush=True)
+    return 128 + int(signal.Signals[err.signal_name])
+
+
 def _experiment(args) -> int:
+    # Same reason as in _train: launch.experiment imports launch.run (math-verify, sympy).
     from launch.experiment import run_experiment
 
     command = "reasonrl experiment " + " ".join(args.configs) + f" --out {args.out}" + \
         "".join(f" --set {o}" for o in args.overrides)
-    run_experiment(args.configs, Path(args.out), args.overrides, command)
+    try:
+        run_experiment(args.configs, Path(args.out), args.overrides, command)
+    except Exception as err:
+        # rl.trainer (torch) is imported only once a run starts, not to report a bad config: looked up, not imported.
+        trainer = sys.modules.get("rl.trainer")
+        if trainer is None or not isinstance(err, trainer.RunInterrupted):
+            raise
+        # Rerunning the experiment reuses the finished runs and trains the interrupted one again from its start.
+        return _interrupted(err, again=f"continue with: {command}")
     return 0
 
 
@@ -66,15 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=30")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    from rl.preference_cli import add_preference_commands  # pref-eval / pref-build (TODO, DPO)
-
-    add_preference_commands(sub)
-    from launch.eval_cli import add_eval_commands  # eval / compare (chain-of-thought compression)
-
-    add_eval_commands(sub)
-    from launch.submit import add_commands as add_job_commands  # submit / status / logs / stop (Ray Jobs API)
-
-    add_job_commands(sub)
+    add_preference_commands(sub)  # pref-eval / pref-build (TODO, DPO)
+    add_eval_commands(sub)  # eval / compare (chain-of-thought compression)
+    add_job_commands(sub)  # submit / status / logs / stop (Ray Jobs API)
     experiment = sub.add_parser("experiment", help="train several configs from the same start and compare them "
                                 "(accuracy with CIs, tokens, zero-advantage groups, entropy)")
     experiment.add_argument("configs", nargs="+", help="YAML configs differing only in algorithm/reward/logging")
@@ -84,9 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     experiment.set_defaults(handler=_experiment)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("REASONRL_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
-    from rl.data import DataError
-    from rl.models import ModelError
-
     try:
         return args.handler(args) if hasattr(args, "handler") else _train(args)
     except (ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError) as err:

@@ -1,22 +1,26 @@
 """`reasonrl eval` and `reasonrl compare` (logic in eval/runner.py and eval/compare.py).
 
-Heavy imports (Ray, torch, transformers) happen inside the handlers, so `reasonrl --help` stays fast.
+eval/ is imported inside the handlers: it pulls in the reward registry (math-verify, sympy) and numpy, and Ray,
+torch and transformers once generation starts, while `reasonrl --help` imports this module.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+from rl.config import ConfigError
 
 
 def _eval(args) -> int:
     from eval.benchmarks import parse_benchmarks
     from eval.runner import EvalSettings, rescore, run_eval
+    from rewards.isolation import cap_log_messages
 
+    cap_log_messages(*logging.getLogger().handlers)  # verifier logs quote model output: no line of any length
     if args.rescore:
         rescore(args.rescore, timeout=args.timeout)
         return 0
     if not args.model:
-        from rl.config import ConfigError
-
         raise ConfigError("reasonrl eval needs --model (a run folder, checkpoint, HF folder, hub id, bundled:NAME or "
                           "tiny:NAME), or --rescore OUT")
     benchmarks = parse_benchmarks(args.benchmarks)

@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from eval.stats import bootstrap_ci
-from rl.config import Config, ConfigError, dump_config, load_config
+from launch.run import load_training_config, train_run
+from rl.config import Config, ConfigError, dump_config
 from rl.metrics import EVENTS_FILE, METRICS_FILE, read_metrics
 
 SHARED_SECTIONS = ("model", "data", "rollout", "learner", "trainer", "ray")
@@ -31,7 +32,7 @@ def load_configs(paths: list[str], out: Path, overrides: list[str]) -> dict[str,
         name = Path(path).stem
         if name in cfgs:
             raise ConfigError(f"two configs are named {name!r}; their runs would share a folder")
-        cfgs[name] = load_config(path, [*overrides, f"trainer.output_dir={(out / name).resolve()}"])
+        cfgs[name] = load_training_config(path, [*overrides, f"trainer.output_dir={(out / name).resolve()}"])
     first_name, first = next(iter(cfgs.items()))
     for name, cfg in cfgs.items():
         for section in SHARED_SECTIONS:
@@ -135,7 +136,7 @@ def markdown_table(results: list[dict], command: str) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib: only once results exist to plot
 
     fig = Figure(figsize=(12, 8), dpi=100)
     axes = fig.subplots(2, 2)
@@ -166,16 +167,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def run_experiment(paths: list[str], out: Path, overrides: list[str] = (), command: str = "") -> list[dict]:
-    cfgs = load_configs(paths, out, list(overrides))
-    from rl.trainer import train  # heavy imports only once every config is valid
-
+    cfgs = load_configs(paths, out, list(overrides))  # every config valid before the first one trains
     for name, cfg in cfgs.items():
         if finished(cfg):
             print(f"{name}: reusing the finished run in {cfg.trainer.output_dir}", flush=True)
             continue
         cfg.trainer.overwrite = True  # an unfinished or different run there is moved aside, never mixed in
         print(f"{name}: training into {cfg.trainer.output_dir}", flush=True)
-        train(cfg)
+        train_run(cfg)
     results = [summarize_run(name, cfg) for name, cfg in cfgs.items()]
     for r in results[1:]:  # one start evaluation serves every method (see load_configs)
         for key in ("acc_start", "acc_start_ci", "tokens_start", "tokens_start_ci"):

@@ -1,7 +1,8 @@
 """`reasonrl submit | status | logs | stop`: run a config as a job on a Ray cluster through the Ray Jobs API.
 
 `submit` validates the config here (a typo fails before anything is sent), then submits
-`python -m launch.submit run <config> ...` with a runtime_env that carries
+`python -m launch.job <config> ...` (launch/job.py: it first checks that the cluster's python can import the
+project's packages) with a runtime_env that carries
 - the working directory (this project, without .venv, runs, .git, caches), so the cluster runs this code;
 - a small package `reasonrl_job_files` (py_modules) holding the resolved config and a copy of every local reward
   file it names; the config then names those rewards as `reasonrl_job_files.<module>:<fn>`, which imports on
@@ -14,8 +15,8 @@ It returns the job id at once; `--wait` follows the logs and returns the driver'
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from rl.config import ConfigError, dump_config, load_config
+from rl.config import ConfigError, dump_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = "reasonrl_job_files"
+PACKAGE = "reasonrl_job_files"  # the name launch/job.py looks for (it cannot import this module before its check)
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: environments, run folders, VCS and caches (Ray limits a working_dir to a few hundred MiB).
 EXCLUDES = [".venv", "venv", "runs", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".cache", "build",
@@ -81,7 +82,7 @@ def stage_rewards(functions: list[dict], stage: Path) -> list[dict]:
 
 
 def _job_env(auth_mode: str) -> dict:
-    from rl.cluster import FORWARDED_ENV
+    from rl.cluster import FORWARDED_ENV  # rl.cluster imports ray and torch; `reasonrl --help` imports this module
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.update(RAY_AUTH_MODE=auth_mode, TOKENIZERS_PARALLELISM="false", RAY_OVERRIDE_JOB_RUNTIME_ENV="1")
@@ -91,6 +92,14 @@ def _job_env(auth_mode: str) -> dict:
 def build_job(config: str | None, overrides: list[str], resume: str | None, python: str = "python") -> dict:
     """Everything `submit_job` needs: entrypoint, runtime_env, metadata; and the staging folder to clean up."""
     stage_root = Path(tempfile.mkdtemp(prefix="reasonrl-job-"))
+    try:
+        return _build_job(stage_root, config, overrides, resume, python)
+    except BaseException:
+        shutil.rmtree(stage_root, ignore_errors=True)  # nothing is sent: no staging folder is left behind
+        raise
+
+
+def _build_job(stage_root: Path, config: str | None, overrides: list[str], resume: str | None, python: str) -> dict:
     stage = stage_root / PACKAGE
     stage.mkdir()
     (stage / "__init__.py").write_text('"""Files `reasonrl submit` sent along with a job."""\n')
@@ -106,7 +115,10 @@ def build_job(config: str | None, overrides: list[str], resume: str | None, pyth
     else:
         if not config:
             raise ConfigError("reasonrl submit needs a config file (e.g. configs/demo.yaml) or --resume RUN_DIR")
-        cfg = load_config(config, overrides)  # validated here, before anything reaches the cluster
+        # launch.run imports the reward registry (math-verify, sympy); `reasonrl --help` imports this module.
+        from launch.run import load_training_config
+
+        cfg = load_training_config(config, overrides)  # validated here, before anything reaches the cluster
         cfg.trainer.output_dir = str(Path(cfg.trainer.output_dir).resolve())
         raw = yaml.safe_load(dump_config(cfg))
         old = [f["fn"] for f in raw["reward"]["functions"]]
@@ -117,17 +129,11 @@ def build_job(config: str | None, overrides: list[str], resume: str | None, pyth
         name = f"{Path(config).stem}.yaml"
         (stage / name).write_text(yaml.safe_dump(raw, sort_keys=False))
         args = [name]
-    entrypoint = " ".join([python, "-m", "launch.submit", "run", *(_quote(a) for a in args)])
+    entrypoint = " ".join([python, "-m", "launch.job", *(shlex.quote(a) for a in args)])
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "py_modules": [str(stage)],
                    "env_vars": _job_env(raw.get("ray", {}).get("auth_mode", "disabled"))}
     return {"entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": {"run_dir": str(run_dir)},
             "stage": stage_root, "run_dir": run_dir}
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -215,7 +221,10 @@ def add_commands(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (on the cluster's filesystem)")
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit with its code")
     p.add_argument("--job-id", help="submission id (default: chosen by Ray)")
-    p.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
+    # Ray offers no documented way to name the interpreter its own processes run in an entrypoint, so the default
+    # stays `python`; launch/job.py says in one line, and fails the job, when that python lacks the packages.
+    p.add_argument("--python", default="python", help="python executable on the cluster, with the project's "
+                   "packages installed (default: python, as the cluster's shell finds it)")
     p.set_defaults(handler=_one_line_errors(submit))
     for name, fn, text in (("status", status, "state of a submitted job"), ("logs", logs, "a job's log"),
                            ("stop", stop, "stop a running job")):
@@ -225,22 +234,3 @@ def add_commands(sub) -> None:
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
         p.set_defaults(handler=_one_line_errors(fn))
-
-
-# ------------------------------------------------------------------------------------------- on the cluster
-def run(argv: list[str]) -> int:
-    """Job entrypoint: `reasonrl train` on the config staged in the `reasonrl_job_files` package."""
-    from launch.cli import main
-
-    if argv and argv[0] != "--resume":
-        spec = importlib.util.find_spec(PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"reasonrl: package {PACKAGE} missing from the job's runtime_env")
-        argv = [str(Path(list(spec.submodule_search_locations)[0]) / argv[0]), *argv[1:]]
-    return main(["train", *argv])
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "run":
-        raise SystemExit("usage: python -m launch.submit run CONFIG [overrides] | run --resume RUN_DIR [overrides]")
-    sys.exit(run(sys.argv[2:]))

@@ -23,6 +23,41 @@ from dataclasses import dataclass, field
 from . import RewardSpecError
 
 log = logging.getLogger("reasonrl.rewards")
+MAX_LOG_CHARS = 500  # a log message longer than this is cut (see CapMessages)
+
+
+class CapMessages(logging.Filter):
+    """Cut a record's message to `limit` characters (with a note of how much was cut).
+
+    Reward functions see model output, and libraries log it: math-verify's parse timeout logs the whole
+    unparseable answer (100,000 characters of an adversarial completion), which Ray forwards line for line to the
+    run's console. Attached to a logger it covers the records logged through that logger (not its children); to a
+    handler, every record the handler writes.
+    """
+
+    def __init__(self, limit: int = MAX_LOG_CHARS):
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a malformed record is logging's to report, not ours
+            return True
+        if len(msg) > self.limit:
+            record.msg, record.args = f"{msg[:self.limit]} [... {len(msg) - self.limit} more characters]", None
+        return True
+
+
+def cap_log_messages(*targets: logging.Logger | logging.Handler | str, limit: int = MAX_LOG_CHARS) -> None:
+    """Attach CapMessages to loggers (objects or names) and handlers, once each."""
+    for target in targets:
+        target = logging.getLogger(target) if isinstance(target, str) else target
+        if not any(isinstance(f, CapMessages) for f in target.filters):
+            target.addFilter(CapMessages(limit))
+
+
+cap_log_messages(log)  # its failure messages quote what the reward function raised
 
 _MAX_ERRORS = 20  # messages kept in RewardResult.errors
 _STARTUP_TIMEOUT = 300.0  # child start + spec resolution; a config problem, not a reward timeout

@@ -1,4 +1,5 @@
-"""Length-control baselines as reward functions (shared/specs/algorithms.md §3.3 and §4), to compare FGO against.
+"""Length-control baselines as reward functions (docs/algorithms.md, "Length-control reward baselines"), to compare
+FGO against.
 
 All follow the TRL contract and read the response length from the `completion_tokens` column (token counts,
 EOS included) that the reward workers receive beside the text. The group-relative ones (Kimi, ShorterBetter,

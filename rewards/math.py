@@ -7,11 +7,18 @@ through ``rewards.isolation.IsolatedRewards`` (a child process's main thread) or
 from __future__ import annotations
 
 import functools
+import logging
 import re
 
 from math_verify import parse, verify
 
 from . import register
+from .isolation import cap_log_messages
+
+# math-verify logs what it failed to parse, in full ("Timeout during parsing: <the whole answer>"), on the loggers of
+# its modules; a filter on the package logger would not see them (filters do not apply to children's records).
+cap_log_messages(*(name for name in list(logging.root.manager.loggerDict)
+                   if name == "math_verify" or name.startswith("math_verify.")))
 
 __all__ = ["last_boxed", "math_verify", "boxed_format"]
 

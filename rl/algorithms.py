@@ -1,13 +1,13 @@
-"""GRPO-family math as pure torch functions (no ray / deepspeed), see shared/specs/algorithms.md §1 and §3.
+"""GRPO-family math as pure torch functions (no ray / deepspeed), see docs/algorithms.md ("GRPO", "FGO").
 
 - `grpo_advantages`: group-relative advantages, with (GRPO) or without (Dr. GRPO) std scaling.
-- `fgo_rewards` / `fgo_advantages`: FGO's length- and entropy-weighted subgroup rewards (§1), and the two entropy
+- `fgo_rewards` / `fgo_advantages`: FGO's length- and entropy-weighted subgroup rewards, and the two entropy
   proxies FGO can weight by (`sampled_token_entropy`, `mean_token_entropy`).
 - `token_logprobs` / `entropy_from_logits`: per-token quantities from logits, one row at a time so that
   no second [B, T, V] tensor is allocated next to the logits.
 - `k3_kl`: the low-variance k3 KL estimator used by GRPO.
 - `policy_loss`: PPO-style clipped surrogate with asymmetric clipping (DAPO clip-higher) and the three
-  loss aggregations of §3.5.
+  loss aggregations (docs/algorithms.md, "Loss aggregation").
 
 Every aggregation divides by counts of the WHOLE optimizer batch (passed in by the caller), never by
 counts of the micro-batch at hand. That makes the loss, and its gradient, additive: the sum over
@@ -58,7 +58,7 @@ def zero_advantage_groups(advantages: Tensor, group_size: int, tol: float = 1e-8
 # ------------------------------------------------------------------------------------------------ FGO
 def fgo_rewards(correct: Tensor, lengths: Tensor, entropies: Tensor, group_size: int, alpha: float = 0.01,
                 beta: float = 1.0, eps: float = 1e-6) -> Tensor:
-    """FGO's fine-grained rewards R_i = r_i * W_i (shared/specs/algorithms.md §1.1), groups contiguous.
+    """FGO's fine-grained rewards R_i = r_i * W_i (docs/algorithms.md, "FGO"), groups contiguous.
 
     Each group splits into correct (r=+1) and incorrect (r=-1) subgroups; inside a subgroup
       correct:   x_i = (mean L / L_i)^alpha * (mean H / H_i)^beta
@@ -91,8 +91,8 @@ def fgo_advantages(correct: Tensor, lengths: Tensor, entropies: Tensor, group_si
     """FGO advantages A_i = R_i - mean_group(R) [/ (std_group(R) + 1e-4)], float32, groups contiguous.
 
     scale_by_std=False is the poster's Dr.GRPO form (the default); True is the released code's (stock TRL 0.16:
-    unbiased std + 1e-4). Mixed groups have mean R exactly 0 (each subgroup's weights sum to 1, see §1.2), while
-    all-correct / all-wrong groups keep non-zero advantages unless their members are indistinguishable.
+    unbiased std + 1e-4). Mixed groups have mean R exactly 0 (each subgroup's weights sum to 1), while all-correct /
+    all-wrong groups keep non-zero advantages unless their members are indistinguishable (docs/algorithms.md, "FGO").
     """
     R = _groups(fgo_rewards(correct, lengths, entropies, group_size, alpha, beta), group_size)
     adv = R - R.mean(dim=1, keepdim=True)
@@ -256,8 +256,9 @@ def policy_loss(
 
 
 # ------------------------------------------------------------------------- preferences: TODO and DPO
-# Tie-rank Oriented DPO (shared/specs/algorithms.md §2). Inputs are SUMMED response log-probs per sequence
-# (policy and frozen reference, chosen and rejected); mu is the DPO implicit-reward difference.
+# Tie-rank Oriented DPO (docs/algorithms.md, "TODO and DPO"; Guo et al., arXiv:2411.02442). Inputs are SUMMED
+# response log-probs per sequence (policy and frozen reference, chosen and rejected); mu is the DPO implicit-reward
+# difference.
 # `num_pairs` plays the role of policy_loss's batch-global counts: pass the pair count of the whole optimizer
 # batch and every micro-batch's loss is sum / num_pairs, so the pieces add up to the batch mean.
 
@@ -327,7 +328,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
 
 def preference_correct(mu: Tensor, tie: Tensor, alpha: float = 0.5) -> dict[str, Tensor]:
-    """Per-pair correctness (bool) of the two evaluations of §2.4.
+    """Per-pair correctness (bool) of the two preference evaluations (docs/algorithms.md, "TODO and DPO").
 
     `tobt`: the argmax of the three TOBT probabilities is the labelled outcome (win for a preference pair,
     tie for a tied pair); `sign`: mu > 0 (DPO's rule, preference pairs only). Both need a STRICT winner, so

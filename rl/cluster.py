@@ -4,8 +4,8 @@ Everything Ray-specific the driver needs is here, so rl/trainer.py reads as the 
 """
 from __future__ import annotations
 
-import math
 import os
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -13,6 +13,8 @@ import ray
 from rewards.isolation import RewardResult
 from rl.batch import split_bounds
 from rl.config import Config
+from rl import updates
+from rl.contracts import PreferencePair, RolloutBatch, TrainSequence
 from rl.learner import LearnerRank
 from rl.placement import Placement
 from rl.reward_worker import RewardWorker
@@ -22,7 +24,7 @@ from rl.watchdog import call_all
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 # Passed to every actor; HF_* offline flags are forwarded so a run that is offline stays offline in its workers.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "REASONRL_CACHE",
-                 "TORCH_EXTENSIONS_DIR")
+                 "TORCH_EXTENSIONS_DIR", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
 
 
 def init_ray(cfg: Config) -> None:
@@ -32,6 +34,14 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Ray forwards every actor's output to the driver's console, where library progress bars ("Loading weights",
+    # "Writing model shards": transformers and the hub read this variable) would break up the run's own bar.
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not (cfg.rollout.num_gpus or cfg.learner.num_gpus_per_rank):
+        # No role has a GPU: any process of the run that imports DeepSpeed is told so, instead of probing for an
+        # accelerator and warning that it found none (each role's actors also get theirs from rl.placement).
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["RAY_AUTH_MODE"] = cfg.ray.auth_mode
@@ -68,66 +78,37 @@ def _own_placement(group, cfg: Config, role: str, placement: Placement | None) -
 
 
 class RolloutGroup:
+    """The rollout workers. They only generate: which weights they must hold, and how a recreated one gets them
+    back, is rl.weights.WeightSync's business (passed to `generate` as `weights`)."""
+
     def __init__(self, cfg: Config, model_path: str, placement: Placement | None = None):
         n = cfg.rollout.num_workers
         placement = _own_placement(self, cfg, "rollout", placement)
-        # Ray recreates a dead worker (max_restarts); its unfinished request is re-issued by call_all after the
-        # worker got the current weights back (it restarts with the initial ones).
         device = "cuda" if cfg.rollout.num_gpus > 0 else "cpu"
         if cfg.rollout.backend == "vllm":
-            from rl.rollout_vllm import VllmRolloutWorker
+            from rl.rollout_vllm import VllmRolloutWorker  # vllm is an optional extra, imported only when chosen
 
             actor, args = ray.remote(VllmRolloutWorker), (model_path, cfg.model.dtype, cfg.rollout.vllm)
         else:
             actor, args = ray.remote(RolloutWorker), (model_path, cfg.model.dtype, _threads(n, cfg), device,
                                                       cfg.rollout.backend)
+        # Ray recreates a dead worker (max_restarts); call_all re-issues its unfinished request after the weights
+        # owner gave it the current weights back (it restarts with the initial ones).
         self.workers = [actor.options(**placement.options("rollout", i), max_restarts=cfg.placement.max_restarts,
                                       max_task_retries=0).remote(*args) for i in range(n)]
-        self.cfg, self.max_restarts, self.watchdog = cfg, cfg.placement.max_restarts, cfg.trainer.watchdog_seconds
-        # Object-store sync: a callable returning the last synced weights (an ObjectRef) for a restarted worker.
-        self.weights_source = None
-        self.resync = None  # set by rl.weight_sync.CollectiveSync: how a restarted worker gets current weights
-        self.restarted = False
-        self.collective = None
-        self.version = 0  # weights version of the last sync: what every worker must hold when it generates
+        self.max_restarts, self.watchdog = cfg.placement.max_restarts, cfg.trainer.watchdog_seconds
 
-    def generate(self, prompts: list[str], params: SamplingParams, seed: int) -> dict:
-        """Prompts are split over workers in contiguous chunks; groups stay whole and in order."""
+    def generate(self, prompts: list[str], params: SamplingParams, seed: int, weights=None) -> RolloutBatch:
+        """Prompts are split over workers in contiguous chunks; groups stay whole and in order.
+
+        weights: the run's rl.weights.WeightSync (every worker must hold its `version`, a recreated one is refilled
+        by its `restore`); None where nothing was ever synced (a standalone eval)."""
+        version = weights.version if weights is not None else 0
+        restore = weights.restore if weights is not None else None
         chunks = [prompts[a:b] for a, b in split_bounds(len(prompts), len(self.workers))]
-        calls = [(w, (c, params, seed * 1000 + i, self.version)) for i, (w, c) in enumerate(zip(self.workers, chunks))
+        calls = [(w, (c, params, seed * 1000 + i, version)) for i, (w, c) in enumerate(zip(self.workers, chunks))
                  if c]
-        return _concat(call_all("rollout", "generate", calls, self.watchdog, self.max_restarts, self._restarted))
-
-    def _restarted(self, worker) -> None:
-        self.restarted = True
-        if self.resync is not None:
-            self.resync(worker)
-        elif self.weights_source is not None:
-            ray.get(worker.load_weights.remote(self.weights_source(), self.version))
-
-    def load_weights(self, weights_ref, version: int, source=None) -> None:
-        """`source`: how a restarted worker gets these weights later (default: this ref, kept alive)."""
-        self.weights_source = source or (lambda: weights_ref)
-        call_all("rollout", "load_weights", [(w, (weights_ref, version)) for w in self.workers], self.watchdog,
-                 self.max_restarts)
-        self.version = version
-
-    def sync_weights(self, learner: "LearnerGroup", version: int) -> None:
-        """The learner's current weights into every worker, by the configured `weight_sync.mode`."""
-        if self.cfg.weight_sync.mode == "object_store":
-            # On-policy, every sync ends a step, so whenever a worker generates the learner holds exactly the synced
-            # weights and a restarted worker can fetch them from it again: keeping the ref would pin a second copy
-            # of the weights (0.54 GB for 135M in fp32) in the object store through every train phase. One step
-            # off-policy the learner trains while the workers generate, so the synced version must be kept.
-            self.load_weights(learner.weights(), version,
-                              source=None if self.cfg.trainer.max_staleness else learner.weights)
-            return
-        if self.collective is None:
-            from rl.weight_sync import CollectiveSync
-
-            self.collective = CollectiveSync(self.cfg, self, learner)
-        self.collective.push(version)
-        self.version = version
+        return RolloutBatch.concat(call_all("rollout", "generate", calls, self.watchdog, self.max_restarts, restore))
 
     def nodes(self) -> list[dict]:
         return ray.get([w.ping.remote() for w in self.workers])
@@ -189,28 +170,32 @@ class LearnerGroup:
             raise
         self.micro_batch_size = cfg.learner.micro_batch_size
 
-    def train(self, sequences: list[dict], mini_batches: int, max_len: int, on_policy: bool = True) -> dict:
-        """Shard a step's sequences over ranks and run the update; returns summed statistics.
+    def update(self, name: str, items: list, plan_fn, reduce_fn=None):
+        """Run the rl.updates update `name` on `items` over all ranks, the generic path of every algorithm.
+
+        plan_fn(items, num_ranks, micro_batch_size) -> (one shard per rank, plan); every rank gets its shard and
+        the same plan. reduce_fn(per-rank results) -> the return value (default: the list of results)."""
+        return self._dispatch("update", name, items, plan_fn, reduce_fn)
+
+    def query(self, name: str, items: list, plan_fn, reduce_fn=None):
+        """As `update`, for the no-grad rl.updates query `name`."""
+        return self._dispatch("query", name, items, plan_fn, reduce_fn)
+
+    def _dispatch(self, method: str, name: str, items: list, plan_fn, reduce_fn):
+        shards, plan = plan_fn(items, len(self.ranks), self.micro_batch_size)
+        if len(shards) != len(self.ranks):  # a rank left out would hang the others in their ZeRO collectives
+            raise ValueError(f"{name}: plan gave {len(shards)} shards for {len(self.ranks)} learner ranks")
+        results = call_all("learner", method, [(r, (name, s, plan)) for r, s in zip(self.ranks, shards)],
+                           self.watchdog)
+        return results if reduce_fn is None else reduce_fn(results)
+
+    def train(self, sequences: list[TrainSequence], mini_batches: int, max_len: int, on_policy: bool = True) -> dict:
+        """Shard a step's sequences over ranks and run the policy-gradient update; returns summed statistics.
 
         on_policy: the sequences were sampled from the current weights (their old log-probs are then recomputed
         exactly by the learner's own forward when there is one pass and one mini-batch)."""
-        n_ranks = len(self.ranks)
-        plan = {"num_tokens": [], "num_seqs": [], "num_micro": [], "max_len": max_len, "on_policy": on_policy}
-        shards: list[list[dict]] = [[] for _ in range(n_ranks)]
-        for mb, (a, b) in enumerate(split_bounds(len(sequences), mini_batches)):
-            part = sequences[a:b]
-            plan["num_tokens"].append(max(1, sum(len(s["response_ids"]) for s in part)))
-            plan["num_seqs"].append(len(part))
-            per_rank = [part[x:y] for x, y in split_bounds(len(part), n_ranks)]
-            plan["num_micro"].append(max(1, max(math.ceil(len(p) / self.micro_batch_size) for p in per_rank)))
-            for r, p in enumerate(per_rank):
-                shards[r].extend(dict(s, mini_batch=mb) for s in p)
-        stats = call_all("learner", "train", list(zip(self.ranks, [(s, plan) for s in shards])), self.watchdog)
-        total = {k: sum(s[k] for s in stats) for k in stats[0] if k not in ("lr", "grad_norm", "optimizer_steps")}
-        total["grad_norm"] = stats[0]["grad_norm"] / max(1, stats[0]["optimizer_steps"])  # global norm, same on all
-        total["lr"] = stats[0]["lr"]
-        total["loss"] /= max(1, stats[0]["optimizer_steps"])
-        return total
+        plan = partial(updates.plan_policy, mini_batches=mini_batches, max_len=max_len, on_policy=on_policy)
+        return self.update("policy", sequences, plan, updates.reduce_policy)
 
     def weights(self):
         """ObjectRef of rank 0's numpy state dict (all ranks take part: ZeRO-3 gathers are collective)."""
@@ -218,34 +203,17 @@ class LearnerGroup:
         ray.get(refs[1:])  # raises if another rank failed; they return None
         return refs[0]
 
-    def logprobs(self, prompt_ids, response_ids):
-        return ray.get([r.logprobs.remote(prompt_ids, response_ids) for r in self.ranks])[0]
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Policy log-probs of given responses; every rank runs the forward (ZeRO-3 gathers), rank 0 answers."""
+        return self.query("logprobs", list(zip(prompt_ids, response_ids)), updates.replicate, updates.first)
 
-    def _pair_shards(self, pairs: list[dict]) -> tuple[list[list[dict]], int]:
-        """Contiguous shards of pairs, one per rank (a rank left without pairs gets a zero-weight stand-in), and
-        the micro-batch count every rank runs; a micro-batch of pairs holds micro_batch_size sequences."""
-        shards = [pairs[a:b] or [dict(pairs[0], weight=0.0, stand_in=True)]
-                  for a, b in split_bounds(len(pairs), len(self.ranks))]
-        per_micro = max(1, self.micro_batch_size // 2)  # each pair is two sequences (chosen, rejected)
-        return shards, max(math.ceil(len(s) / per_micro) for s in shards)
-
-    def train_preference(self, pairs: list[dict]) -> dict:
+    def train_preference(self, pairs: list[PreferencePair]) -> dict:
         """One optimizer step on TODO/DPO pairs; returns batch means (loss, margin, rewards, train accuracies)."""
-        shards, num_micro = self._pair_shards(pairs)
-        plan = {"num_pairs": len(pairs), "num_micro": num_micro}
-        stats = ray.get([r.train_preference.remote(s, plan) for r, s in zip(self.ranks, shards)])
-        tot = {k: sum(s[k] for s in stats) for k in stats[0] if k not in ("grad_norm", "lr")}
-        n, n_pref = max(1.0, tot["pairs"]), max(1.0, tot["pairs"] - tot["ties"])
-        return {"loss": tot["loss"], "margin": tot["mu_sum"] / n, "reward_chosen": tot["chosen_reward_sum"] / n,
-                "reward_rejected": tot["rejected_reward_sum"] / n, "train_tobt_acc": tot["tobt_correct"] / n,
-                "train_sign_acc": tot["sign_correct"] / n_pref, "pairs": tot["pairs"], "ties": tot["ties"],
-                "grad_norm": stats[0]["grad_norm"], "lr": stats[0]["lr"]}
+        return self.update("preference", pairs, updates.plan_pairs, updates.reduce_preference)
 
-    def preference_logps(self, pairs: list[dict]) -> list[list[float]]:
+    def preference_logps(self, pairs: list[PreferencePair]) -> list[list[float]]:
         """[policy_chosen, policy_rejected, ref_chosen, ref_rejected] per pair, in order, computed over all ranks."""
-        shards, num_micro = self._pair_shards(pairs)
-        parts = ray.get([r.preference_logps.remote(s, num_micro) for r, s in zip(self.ranks, shards)])
-        return [row for s, part in zip(shards, parts) if not s[0].get("stand_in") for row in part]
+        return self.query("preference_logps", pairs, updates.plan_pairs, updates.concat)
 
     def save(self, path: str) -> None:
         call_all("learner", "save_checkpoint", [(r, (path,)) for r in self.ranks], self.watchdog)
@@ -263,11 +231,3 @@ def shutdown(*groups) -> None:
             ray.kill(actor, no_restart=True)
         if getattr(group, "owns_placement", False):
             group.placement.remove()
-
-
-def _concat(parts: list[dict]) -> dict:
-    out: dict = {}
-    for part in parts:
-        for k, v in part.items():
-            out.setdefault(k, []).extend(v)
-    return out

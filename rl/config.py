@@ -30,7 +30,7 @@ class ModelConfig(Section):
         None, description="Where converted bundled/tiny models are cached. Default: $REASONRL_CACHE or ~/.cache/reasonrl."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype. Keep float32 on CPU: bf16 is ~6x slower without AVX512-BF16."
+        "float32", description="Parameter dtype. Keep float32 on CPU: bf16 is far slower without AVX512-BF16."
     )
 
 
@@ -76,8 +76,8 @@ class RolloutConfig(Section):
     sampler: Literal["inverse_cdf", "multinomial"] = Field(
         "inverse_cdf", description="transformers backend: how the next token is drawn. `inverse_cdf`: one uniform per "
         "sequence against the float64 cumulative distribution (after transformers' own temperature/top-k/top-p "
-        "warpers), 20x cheaper on CPU than `multinomial` (transformers' torch.multinomial, one exponential variate "
-        "per vocabulary entry). Same distribution, different random stream.")
+        "warpers), far cheaper on CPU than `multinomial` (transformers' torch.multinomial, one exponential variate "
+        "per vocabulary entry; docs/performance.md). Same distribution, different random stream.")
     backend: Literal["transformers", "continuous", "vllm"] = Field(
         "transformers", description="Generation engine of the rollout workers. `transformers`: batched `generate` "
         "(the CPU default; log-probs and full-vocabulary entropies from the generation logits). `continuous`: "
@@ -133,7 +133,7 @@ class RewardConfig(Section):
 
 
 class FGOConfig(Section):
-    """Fine-grained group optimization (shared/specs/algorithms.md §1): inside each group, correct and incorrect
+    """Fine-grained group optimization (docs/algorithms.md, "FGO"): inside each group, correct and incorrect
     responses form two subgroups whose rewards are +-softmax of length/entropy ratios."""
     alpha: float = Field(0.01, ge=0, description="Length exponent: larger favours shorter correct answers more "
                          "(0.01: the released code; the poster's ablations use 0 and 1).")
@@ -146,8 +146,8 @@ class FGOConfig(Section):
 
 
 class TodoConfig(Section):
-    """TODO / DPO preference training (shared/specs/algorithms.md §2), offline on a preference file or online from
-    verifier-built pairs of each rollout group. Used when algorithm.name is `todo` or `dpo` (dpo ignores alpha)."""
+    """TODO / DPO preference training (docs/algorithms.md, "TODO and DPO"), offline on a preference file or online
+    from verifier-built pairs of each rollout group. Used when algorithm.name is `todo` or `dpo` (dpo ignores alpha)."""
     beta: float = Field(0.01, gt=0, description="Scale of the implicit reward: mu = beta * (policy - reference "
                         "log-ratio of chosen minus that of rejected), log-probs summed over the response.")
     alpha: float = Field(0.5, ge=0, description="TOBT tie margin (phi = e^alpha): a win needs mu > alpha. 0 makes "
@@ -264,12 +264,8 @@ class TrainerConfig(Section):
                                "is corrected by the PPO importance ratio to its own log-probs (grpo/fgo). 0: "
                                "synchronous on-policy steps.")
 
-    @field_validator("eval_benchmarks")
-    @classmethod
-    def _known_benchmarks(cls, names: list[str]) -> list[str]:
-        from eval.benchmarks import parse_benchmarks
-
-        return parse_benchmarks(names)
+    # eval_benchmarks names are checked by eval.in_training.check_eval_benchmarks, which the launch layer calls on
+    # every config it loads for training (rl does not import eval).
 
     @model_validator(mode="after")
     def _sampled_when_several(self):
@@ -318,7 +314,7 @@ class WeightSyncConfig(Section):
         None, description="How new weights reach rollout workers: `collective` (torch.distributed broadcast from "
         "learner rank 0 to every rollout worker, gloo on CPU / NCCL on GPU, straight into the workers' parameters) "
         "or `object_store` (numpy arrays through Ray's object store: the bytes stay mapped in the learner and every "
-        "worker, 0.5-1 GB more summed RSS for a 135M model; the one vLLM loads from). Default (null): collective, "
+        "worker, so summed RSS is higher, docs/performance.md; the one vLLM loads from). Default (null): collective, "
         "object_store for rollout.backend vllm. A restarted worker is always resynced through the object store.")
     bucket_mb: float = Field(64.0, gt=0, description="Collective mode: parameters are flattened into buckets of "
                              "at most this size, one broadcast each.")

@@ -5,6 +5,8 @@ with `answer` a string; the other columns travel along so reward functions can u
 """
 from __future__ import annotations
 
+import copy
+
 import itertools
 import math
 from pathlib import Path
@@ -242,14 +244,15 @@ class PromptSampler:
             self._order_epoch = epoch
         return self._order
 
-    def next_batch(self, n: int) -> list[dict]:
+    def next_batch(self, n: int) -> list:
         if n < 0:
             raise DataError(f"next_batch: n must be >= 0, got {n}")
         batch: list[dict] = []
         while len(batch) < n:
             order = self._order_for(self._epoch)
             take = min(n - len(batch), len(order) - self._position)
-            batch.extend(dict(self.rows[i]) for i in order[self._position:self._position + take])
+            # Copies, so a step that annotates its rows never changes the sampler's.
+            batch.extend(copy.copy(self.rows[i]) for i in order[self._position:self._position + take])
             self._position += take
             if self._position == len(order):
                 self._epoch, self._position = self._epoch + 1, 0

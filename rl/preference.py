@@ -1,11 +1,12 @@
-"""Preference pairs for TODO / DPO (shared/specs/algorithms.md §2): loading {prompt, chosen, rejected, tie} data,
-building pairs from a verifier-scored rollout group, batching pairs for the learner, and preference evaluation.
+"""Preference pairs for TODO / DPO: loading {prompt, chosen, rejected, tie} data, building pairs from a
+verifier-scored rollout group, batching pairs for the learner, and preference evaluation.
 
-A pair, wherever it travels (driver -> learner ranks), is `{"prompt_ids", "chosen_ids", "rejected_ids", "tie"}`
-(token ids, response ids end with the end-of-turn token like a sampled response does). No Ray / DeepSpeed here.
+A pair, wherever it travels (driver -> learner ranks), is an rl.contracts.PreferencePair (token ids; response ids
+end with the end-of-turn token like a sampled response does). No Ray / DeepSpeed here.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from rl.algorithms import dpo_losses, preference_correct, preference_margin, todo_losses
 from rl.batch import pad_pairs, response_logprobs
+from rl.contracts import PreferencePair, RolloutBatch
 from rl.data import DataError, _load_dataset, render_prompt
 
 log = logging.getLogger("reasonrl")
@@ -50,7 +52,8 @@ def _response_messages(response) -> list[dict] | None:
     return None
 
 
-def encode_pair(tokenizer, prompt, chosen, rejected, tie: bool, system_prompt: str | None = None) -> dict | None:
+def encode_pair(tokenizer, prompt, chosen, rejected, tie: bool,
+                system_prompt: str | None = None) -> PreferencePair | None:
     """Token ids of one pair; prompt/responses are plain strings or chat message lists. None if unusable.
 
     The response ids are what the chat template appends to the prompt for the assistant turn (its end-of-turn
@@ -77,8 +80,7 @@ def encode_pair(tokenizer, prompt, chosen, rejected, tie: bool, system_prompt: s
             texts.append(full[len(prompt_text):].rstrip("\n"))
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     chosen_ids, rejected_ids = enc(texts[0]) + tail, enc(texts[1]) + tail
-    return {"prompt_ids": enc(prompt_text), "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-            "tie": bool(tie)}
+    return PreferencePair(enc(prompt_text), chosen_ids, rejected_ids, tie=bool(tie))
 
 
 def _missing(value) -> bool:
@@ -87,7 +89,7 @@ def _missing(value) -> bool:
 
 
 def load_pairs(source: str, split: str, tokenizer, system_prompt: str | None = None,
-               max_prompt_tokens: int | None = None, limit: int = 0) -> tuple[list[dict], dict]:
+               max_prompt_tokens: int | None = None, limit: int = 0) -> tuple[list[PreferencePair], dict]:
     """Encoded pairs from a .jsonl/.json/.parquet file or a hub dataset, and counts of what was skipped.
 
     A row missing prompt/chosen/rejected (or with a null tie) is skipped and counted. A dataset with no `tie`
@@ -109,26 +111,26 @@ def load_pairs(source: str, split: str, tokenizer, system_prompt: str | None = N
         if pair is None:
             stats["skipped_bad_format"] += 1
             continue
-        if max_prompt_tokens and len(pair["prompt_ids"]) > max_prompt_tokens:
+        if max_prompt_tokens and len(pair.prompt_ids) > max_prompt_tokens:
             stats["skipped_too_long"] += 1
             continue
         pairs.append(pair)
         if limit and len(pairs) == limit:
             break
-    stats.update(pairs=len(pairs), ties=sum(p["tie"] for p in pairs))
+    stats.update(pairs=len(pairs), ties=sum(p.tie for p in pairs))
     if not pairs:
         raise DataError(f"preference data {source!r} has no usable pairs (split {split!r}): {stats}")
     return pairs, stats
 
 
-def trainable(pairs: list[dict], name: str, alpha: float, dpo_ties: str) -> list[dict]:
+def trainable(pairs: list[PreferencePair], name: str, alpha: float, dpo_ties: str) -> list[PreferencePair]:
     """The pairs an algorithm can train on: DPO drops ties (or keeps them as preferences), TODO needs alpha > 0
-    to model a tie (at alpha = 0 a tie's likelihood is 0 and its loss infinite, §2.3), so they are dropped then."""
+    to model a tie (at alpha = 0 a tie's likelihood is 0 and its loss infinite), so they are dropped then."""
     if name == "todo" and alpha > 0:
         return pairs
     if name == "dpo" and dpo_ties == "as_preference":
-        return [dict(p, tie=False) for p in pairs]
-    return [p for p in pairs if not p["tie"]]
+        return [dataclasses.replace(p, tie=False) for p in pairs]
+    return [p for p in pairs if not p.tie]
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
@@ -175,14 +177,14 @@ def select_pairs(candidates: list[tuple[int, int, str]], policy: str, k: int,
     return order if k == 0 else order[:k]
 
 
-def rollout_pairs(rollout: dict, correct: list[float], group_size: int, todo_cfg, use_ties: bool,
-                  rng: np.random.Generator) -> tuple[list[dict], dict]:
+def rollout_pairs(batch: RolloutBatch, correct: list[float], group_size: int, todo_cfg, use_ties: bool,
+                  rng: np.random.Generator) -> tuple[list[PreferencePair], dict]:
     """Pairs from every group of a scored rollout, and per-kind counts (`pairs/<kind>`, `groups_without_pairs`)."""
     pairs, counts = [], {f"pairs/{k}": 0 for k in PAIR_KINDS}
     counts["groups_without_pairs"] = 0
     for g in range(len(correct) // group_size):
         idx = list(range(g * group_size, (g + 1) * group_size))
-        resp = [rollout["response_ids"][i] for i in idx]
+        resp = [batch.response_ids[i] for i in idx]
         cands = candidate_pairs([correct[i] > 0.5 for i in idx], [len(r) for r in resp], todo_cfg.tie_length_ratio,
                                 todo_cfg.incorrect_ties, resp)
         if not use_ties:
@@ -191,16 +193,16 @@ def rollout_pairs(rollout: dict, correct: list[float], group_size: int, todo_cfg
         counts["groups_without_pairs"] += not chosen
         for a, b, kind in chosen:
             counts[f"pairs/{kind}"] += 1
-            pairs.append({"prompt_ids": rollout["prompt_ids"][idx[a]], "chosen_ids": resp[a], "rejected_ids": resp[b],
-                          "tie": kind.startswith("tie"), "kind": kind, "index": (idx[a], idx[b])})
+            pairs.append(PreferencePair(batch.prompt_ids[idx[a]], resp[a], resp[b], tie=kind.startswith("tie"),
+                                        kind=kind, index=(idx[a], idx[b])))
     return pairs, counts
 
 
 # ------------------------------------------------------------------------------------- batching, scoring
-def pair_batch(pairs: list[dict], pad_id: int) -> dict:
+def pair_batch(pairs: list[PreferencePair], pad_id: int) -> dict:
     """One padded batch holding every chosen response, then every rejected one (a single forward for both)."""
-    prompts = [p["prompt_ids"] for p in pairs] * 2
-    responses = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    prompts = [p.prompt_ids for p in pairs] * 2
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     return pad_pairs(prompts, responses, pad_id)
 
 
@@ -240,7 +242,7 @@ def preference_metrics(logps: list[list[float]], ties: list[bool], beta: float, 
 
 
 @torch.no_grad()
-def local_logps(policy, reference, pairs: list[dict], pad_id: int, batch_pairs: int = 8) -> list[list[float]]:
+def local_logps(policy, reference, pairs: list[PreferencePair], pad_id: int, batch_pairs: int = 8) -> list[list[float]]:
     """[pc, pr, rc, rr] per pair with plain (non-distributed) models: the CLI's `pref-eval`."""
     out = []
     for start in range(0, len(pairs), batch_pairs):

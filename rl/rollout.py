@@ -16,7 +16,10 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from rl.algorithms import entropy_from_logits, token_logprobs
 from rl.batch import expand_cache
+from rl.contracts import RolloutBatch
 from rl.models import load_policy, load_tokenizer
+from rl.watchdog import StaleWeightsError
+from rl.weight_sync import Endpoint
 
 
 @dataclass
@@ -72,8 +75,6 @@ class RolloutWorker:
 
     def join_weight_sync(self, rank: int, *args) -> None:
         """Become member `rank` of the collective weight-sync group (rl.weight_sync, `weight_sync.mode: collective`)."""
-        from rl.weight_sync import Endpoint
-
         self._sync = None  # a rebuilt group replaces the old one
         self._sync = Endpoint(*args[:2], rank, *args[2:])
         self._sync.check(list(self.model.named_parameters()))
@@ -81,28 +82,24 @@ class RolloutWorker:
     def receive_weights(self, version: int) -> int:
         """Receive learner rank 0's broadcast; returns the checksum of what arrived (checked by the driver)."""
         if getattr(self, "_sync", None) is None:
-            from rl.watchdog import StaleWeightsError
-
             raise StaleWeightsError("rollout worker is not in the weight-sync group (recreated?)")
         total = self._sync.receive(list(self.model.named_parameters()))
         self.weights_version = version
         return total
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], params: SamplingParams, seed: int, expect_version: int | None = None) -> dict:
+    def generate(self, prompts: list[str], params: SamplingParams, seed: int,
+                 expect_version: int | None = None) -> RolloutBatch:
         """Sample `params.n` responses per prompt; samples of one prompt are contiguous in the output.
 
         `expect_version`: the weights version the driver last synced; a worker Ray recreated in between still
         holds the initial weights and refuses (StaleWeightsError), so the driver resyncs it and asks again."""
         if expect_version is not None and expect_version != self.weights_version:
-            from rl.watchdog import StaleWeightsError
-
             raise StaleWeightsError(f"rollout worker holds weights version {self.weights_version}, "
                                     f"expected {expect_version} (restarted?)")
         torch.manual_seed(seed)  # one seed per (step, worker): resumed runs sample the same tokens
         expanded = [p for p in prompts for _ in range(params.n)]
-        out = {"prompt_ids": [], "response_ids": [], "logprobs": [], "entropy_sum": [], "finish_reason": [],
-               "text": []}
+        out = RolloutBatch()
         if self.backend == "continuous":
             self._generate_continuous(expanded, params, seed, out)
             return out
@@ -126,7 +123,7 @@ class RolloutWorker:
         expand = torch.tensor([slot[i] for i in index], device=self.device)
         return expand_cache(out.past_key_values, expand)
 
-    def _generate_continuous(self, prompts: list[str], params: SamplingParams, seed: int, out: dict) -> None:
+    def _generate_continuous(self, prompts: list[str], params: SamplingParams, seed: int, out: RolloutBatch) -> None:
         """transformers continuous batching: a sequence that ends frees its slot for the next one, so one long
         response does not keep a whole batch of finished ones running. The sampler returns the log-prob of each
         sampled token (after temperature); full-vocabulary entropies are not available (entropy_sum 0)."""
@@ -147,7 +144,7 @@ class RolloutWorker:
             self._append(out, prompt_ids, list(res.generated_tokens), list(res.logprobs) if params.logprobs else [],
                          None)  # no entropies from the continuous-batching sampler
 
-    def _generate_chunk(self, prompts: list[str], params: SamplingParams, out: dict) -> None:
+    def _generate_chunk(self, prompts: list[str], params: SamplingParams, out: RolloutBatch) -> None:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         stats = StepStats(1.0 if params.greedy else params.temperature)
@@ -165,17 +162,14 @@ class RolloutWorker:
         for i in range(len(prompts)):
             self._append(out, ids[i][mask[i]].tolist(), new_tokens[i].tolist(), lp[i].tolist(), ent[i])
 
-    def _append(self, out: dict, prompt_ids: list[int], row: list[int], logprobs: list[float], entropies) -> None:
+    def _append(self, out: RolloutBatch, prompt_ids: list[int], row: list[int], logprobs: list[float],
+                entropies) -> None:
         """One sample, cut after its first EOS (kept: it is a sampled action); `entropies` None: not measured."""
         tok = self.tokenizer
         stop = tok.eos_token_id in row
         n = row.index(tok.eos_token_id) + 1 if stop else len(row)
-        out["prompt_ids"].append(prompt_ids)
-        out["response_ids"].append(row[:n])
-        out["logprobs"].append(logprobs[:n])
-        out["entropy_sum"].append(0.0 if entropies is None else float(entropies[:n].sum()))
-        out["finish_reason"].append("stop" if stop else "length")
-        out["text"].append(tok.decode(row[:n], skip_special_tokens=True))
+        out.append(prompt_ids, row[:n], logprobs[:n], 0.0 if entropies is None else float(entropies[:n].sum()),
+                   "stop" if stop else "length", tok.decode(row[:n], skip_special_tokens=True))
 
 
 class StepStats:
@@ -216,8 +210,8 @@ class CategoricalSampler:
     generate's greedy step takes it.
 
     Why not transformers' own sampling: it calls torch.multinomial, which on CPU draws one exponential variate per
-    vocabulary entry and row (47 ms a step for 32 x 49k on the project machine, a sixth of a SmolLM2-135M decode
-    step); the inverse CDF needs one uniform per row and a float64 cumulative sum (2.4 ms). Same distribution
+    vocabulary entry and row (for a 49k vocabulary, a sizeable share of a small model's decode step); the inverse
+    CDF needs one uniform per row and a float64 cumulative sum (docs/performance.md). Same distribution
     (tests/test_rollout.py checks frequencies); the warpers are transformers' own, so truncation is identical.
     """
 

@@ -15,7 +15,9 @@ import os
 
 import numpy as np
 
-from rl.rollout import SamplingParams
+from rl.contracts import RolloutBatch
+from rl.rollout import SamplingParams, _node_id
+from rl.watchdog import StaleWeightsError
 
 
 class VllmRolloutWorker:
@@ -31,8 +33,6 @@ class VllmRolloutWorker:
         self.weights_version = 0
 
     def ping(self) -> dict:
-        from rl.rollout import _node_id
-
         return {"pid": os.getpid(), "node": _node_id(), "weights_version": self.weights_version, "backend": "vllm"}
 
     def _model(self):
@@ -49,10 +49,9 @@ class VllmRolloutWorker:
         self.weights_version = version
         return version
 
-    def generate(self, prompts: list[str], params: SamplingParams, seed: int, expect_version: int | None = None) -> dict:
+    def generate(self, prompts: list[str], params: SamplingParams, seed: int,
+                 expect_version: int | None = None) -> RolloutBatch:
         if expect_version is not None and expect_version != self.weights_version:
-            from rl.watchdog import StaleWeightsError
-
             raise StaleWeightsError(f"rollout worker holds weights version {self.weights_version}, "
                                     f"expected {expect_version} (restarted?)")
         import vllm
@@ -63,15 +62,11 @@ class VllmRolloutWorker:
             top_k=params.top_k if params.top_k > 0 else -1, repetition_penalty=1.0, min_p=0.0)
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         results = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling, use_tqdm=False)
-        out = {"prompt_ids": [], "response_ids": [], "logprobs": [], "entropy_sum": [], "finish_reason": [],
-               "text": []}
+        out = RolloutBatch()
         for ids, res in zip(prompt_ids, results):
             for c in res.outputs:  # the n samples of one prompt, contiguous like the transformers worker
                 tokens = list(c.token_ids)
-                out["prompt_ids"].append(ids)
-                out["response_ids"].append(tokens)
-                out["logprobs"].append([step[t].logprob for step, t in zip(c.logprobs, tokens)] if c.logprobs else [])
-                out["entropy_sum"].append(0.0)
-                out["finish_reason"].append("stop" if c.finish_reason == "stop" else "length")
-                out["text"].append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+                logprobs = [step[t].logprob for step, t in zip(c.logprobs, tokens)] if c.logprobs else []
+                out.append(ids, tokens, logprobs, 0.0, "stop" if c.finish_reason == "stop" else "length",
+                           self.tokenizer.decode(tokens, skip_special_tokens=True))
         return out

@@ -49,7 +49,7 @@ def new_group(addr: str, port: int, rank: int, world: int, backend: str, timeout
 def checksum(flat: torch.Tensor) -> int:
     """The bytes of a float32 tensor read as int32 and summed modulo 2**32: exact and independent of summation order
     and thread count, so sender and receiver agree bit for bit, and any one changed element changes it. A float64
-    sum did the same job at 25x the cost (1.2 s a side for 135M parameters on 2 cores, more than the transfer)."""
+    sum did the same job many times slower, costing more than the transfer itself (docs/performance.md)."""
     return int(flat.view(torch.int32).sum(dtype=torch.int32))
 
 
@@ -57,7 +57,7 @@ def checksum(flat: torch.Tensor) -> int:
 def _one_thread():
     """Pack/unpack/checksum with one intra-op thread: they are memory-bound, and when learner and rollout
     worker share the cores, two OpenMP teams spinning in both processes next to gloo's threads made a sync
-    1.5-2x slower on the project machine (0.7-1.1 s vs 0.4 s for SmolLM2-135M)."""
+    up to twice as slow (docs/performance.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -95,8 +95,8 @@ class Endpoint:
 
     def _flat(self, n: int, slot: int) -> torch.Tensor:
         """The first n floats of staging buffer `slot` (two, so one bucket travels while the next is packed or the
-        last unpacked), kept across syncs: fresh 64 MB buffers cost a page fault per 4 KB on every sync (about a
-        third of a 0.5 GB sync on the project machine)."""
+        last unpacked), kept across syncs: fresh 64 MB buffers cost a page fault per 4 KB on every sync, a large share
+        of the sync time)."""
         if self._buffers[slot] is None or self._buffers[slot].numel() < n:
             self._buffers[slot] = torch.empty(n, dtype=torch.float32, device=self.device)
         return self._buffers[slot][:n]
@@ -160,97 +160,3 @@ class Endpoint:
                     param.copy_(flat[offset:offset + param.numel()].view_as(param))  # casts to its dtype/device
                     offset += param.numel()
         return total % 2 ** 32
-
-
-class CollectiveSync:
-    """Driver side: builds the group over learner rank 0 and the rollout workers and pushes weights through it.
-
-    A rollout worker Ray recreated has lost its membership: it gets the weights through the object store
-    (rl.cluster.RolloutGroup re-dispatch hook), and the group is rebuilt before the next push.
-    """
-
-    def __init__(self, cfg, rollouts, learner):
-        self.cfg, self.rollouts, self.learner = cfg, rollouts, learner
-        gpu = cfg.learner.num_gpus_per_rank > 0 and cfg.rollout.num_gpus > 0
-        self.backend = "nccl" if gpu else "gloo"  # gloo stages GPU tensors through host memory
-        self.timeout_s = float(cfg.trainer.watchdog_seconds or 1800.0)
-        self.version = 0
-        rollouts.resync = self._resync_one
-        self._build()
-
-    def _build(self) -> None:
-        import ray
-
-        rank0, workers = self.learner.ranks[0], self.rollouts.workers
-        addr, port = ray.get(rank0.address.remote())
-        manifest = ray.get(rank0.weight_manifest.remote())
-        world = 1 + len(workers)
-        bucket_bytes = int(self.cfg.weight_sync.bucket_mb * 2 ** 20)
-        args = (addr, port, world, self.backend, bucket_bytes, self.timeout_s, manifest)
-        refs = [rank0.join_weight_sync.remote(0, *args)]
-        refs += [w.join_weight_sync.remote(i + 1, *args) for i, w in enumerate(workers)]
-        ray.get(refs, timeout=self.timeout_s)  # the store waits for all members: they must join together
-        self.rollouts.restarted = False
-        log.info("weight sync: %s group of learner rank 0 + %d rollout workers at %s:%d", self.backend,
-                 len(workers), addr, port)
-
-    def _resync_one(self, worker) -> None:
-        import ray
-
-        if self.version:  # version 0: the restarted worker's own initial weights are current
-            ray.get(worker.load_weights.remote(self.learner.weights(), self.version))
-
-    def push(self, version: int) -> None:
-        import ray
-
-        from rl.watchdog import StuckError, dead
-
-        if self.rollouts.restarted:
-            self._build()
-        sends = [r.broadcast_weights.remote() for r in self.learner.ranks]
-        receives = {w.receive_weights.remote(version): i for i, w in enumerate(self.rollouts.workers)}
-        pending, received, died, send_error = list(sends) + list(receives), {}, None, None
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                if send_error is not None:
-                    raise send_error
-                raise StuckError(f"watchdog: weight sync (learner rank 0 -> {len(receives)} rollout workers) made "
-                                 f"no progress for {self.timeout_s:.0f} s")
-            ref = ready[0]
-            if ref in sends:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    if died is None:  # a dead learner rank: the run stops (resume from the last checkpoint)
-                        raise
-                except Exception as err:
-                    # Rank 0 also fails when a receiver died; that death may be reported a moment later.
-                    if died is None and send_error is None:
-                        send_error, deadline = err, min(deadline, time.monotonic() + 30.0)
-            else:
-                try:
-                    received[receives[ref]] = ray.get(ref)
-                except Exception as err:
-                    if not dead(err):
-                        if died is None:
-                            raise
-                    elif died is None:  # the group is broken: the others would wait for data that never comes
-                        died = (receives[ref], err)
-                        log.warning("rollout worker %d died during weight sync (%s); recreating the rollout "
-                                    "workers, they get the weights through the object store", receives[ref],
-                                    type(err).__name__)
-                        for w in self.rollouts.workers:
-                            ray.kill(w, no_restart=False)
-        if died is None and send_error is not None:
-            raise send_error
-        self.version = version
-        if died is not None:
-            self.rollouts.restarted = True  # generate() resyncs each recreated worker, the group is rebuilt
-            return
-        sent = ray.get(sends[0])
-        for i, got in sorted(received.items()):
-            if got != sent:
-                raise RuntimeError(f"weight sync: rollout worker {i} received parameters with checksum {got}, "
-                                   f"learner rank 0 sent {sent}")

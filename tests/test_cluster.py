@@ -135,3 +135,22 @@ def test_watchdog_fails_a_run_whose_reward_never_returns(cluster, tmp_path, caps
     # The stack was taken on node_b, where the reward worker runs: it shows the worker waiting in `score`.
     assert "py-spy dump" in text or "faulthandler" in text
     assert "score" in text.split("its stack:", 1)[1]
+
+
+def test_offline_todo_honours_placement(cluster, tmp_path, capsys):
+    """The offline preference step runs in the one lifecycle, so its actors are placed like every other run's:
+    the learner pinned to node_a, the rollout and reward workers of its held-out task eval to node_b."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}",
+                                         "rejected": f"{2 * i + 1}", "tie": False}) + "\n" for i in range(4)))
+    out = tmp_path / "todo"
+    args = [str(ROOT / "configs/tiny.yaml"), f"trainer.output_dir={out}", "algorithm.name=todo",
+            f"algorithm.todo.train_data={pairs}", "algorithm.todo.pairs_per_step=2", "trainer.max_steps=1",
+            "data.eval_size=2", "logging.progress=false", "logging.plots=false", "logging.tensorboard=false", *PINNED]
+    assert main(["submit", *args, "--wait", "--address", cluster.dashboard_url]) == 0
+    nodes = cluster.node_ids()
+    actors = _events(out, "actors")[0]
+    assert [a["node"] for a in actors["learner"]] == [nodes["node_a"]]
+    assert [a["node"] for a in actors["rollout"]] == [nodes["node_b"]]
+    assert [a["node"] for a in actors["reward"]] == [nodes["node_b"]]
+    assert _steps(out) == [1]

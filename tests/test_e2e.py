@@ -2,6 +2,7 @@
 
 Slow (about a minute each): they start Ray actors and DeepSpeed process groups for real.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -86,37 +87,40 @@ def test_resume_without_checkpoint_fails_before_starting_actors(tmp_path):
 @pytest.mark.parametrize("stage,sync", [(2, "collective"), (2, "object_store"), (3, "collective")])
 def test_rollout_logprobs_match_learner_after_sync(tmp_path, stage, sync):
     from rl.cluster import LearnerGroup, RolloutGroup, init_ray, shutdown
+    from rl.contracts import TrainSequence
     from rl.models import resolve_model
     from rl.rollout import SamplingParams
+    from rl.weights import WeightSync
 
     cfg = _cfg(tmp_path, "learner.num_ranks=2", f"learner.zero_stage={stage}", "rollout.temperature=0.9",
                "learner.lr=1e-3", f"weight_sync.mode={sync}")
     path = resolve_model(cfg.model.path)
     init_ray(cfg)
     rollouts, learner = RolloutGroup(cfg, path), LearnerGroup(cfg, path)
+    weights = WeightSync(cfg, rollouts, learner)
     try:
         params = SamplingParams(n=4, max_new_tokens=12, temperature=0.9)
         prompts = ["What is 2 + 2?", "Name a colour."]
-        first = rollouts.generate(prompts, params, seed=1)
+        first = rollouts.generate(prompts, params, seed=1, weights=weights)
         # One real update (large lr) so the synced weights differ from the initial ones.
-        seqs = [{"prompt_ids": p, "response_ids": r, "old_logprobs": lp, "advantage": a}
-                for p, r, lp, a in zip(first["prompt_ids"], first["response_ids"], first["logprobs"],
-                                       [1.0, -1.0] * 4)]
+        seqs = [TrainSequence(p, r, lp, a) for p, r, lp, a in zip(first.prompt_ids, first.response_ids,
+                                                                  first.logprobs, [1.0, -1.0] * 4)]
         learner.train(seqs, mini_batches=1, max_len=12)
-        rollouts.sync_weights(learner, version=1)
+        weights.push(version=1)
+        assert weights.version == 1
         if sync == "object_store":
             # On-policy the driver pins no weights object between syncs (a restarted worker fetches them again).
-            assert rollouts.weights_source == learner.weights
+            assert weights.kept_ref is None
         if stage == 2:  # a rollout worker killed now comes back with the initial weights: it must be resynced
             os.kill(rollouts.nodes()[0]["pid"], signal.SIGKILL)
-        out = rollouts.generate(prompts, params, seed=2)
-        assert rollouts.restarted == (stage == 2) and rollouts.nodes()[0]["weights_version"] == 1
-        ours = learner.logprobs(out["prompt_ids"], out["response_ids"])
-        for roll, learn in zip(out["logprobs"], ours):
+        out = rollouts.generate(prompts, params, seed=2, weights=weights)
+        assert weights.restarts == (1 if stage == 2 else 0) and rollouts.nodes()[0]["weights_version"] == 1
+        ours = learner.logprobs(out.prompt_ids, out.response_ids)
+        for roll, learn in zip(out.logprobs, ours):
             assert torch.allclose(torch.tensor(roll), torch.tensor(learn), atol=1e-4)
         # ...and the weights really changed: the old rollout log-probs no longer match.
-        before = learner.logprobs(first["prompt_ids"], first["response_ids"])
-        assert max(abs(x - y) for r, l in zip(first["logprobs"], before) for x, y in zip(r, l)) > 1e-3
+        before = learner.logprobs(first.prompt_ids, first.response_ids)
+        assert max(abs(x - y) for r, l in zip(first.logprobs, before) for x, y in zip(r, l)) > 1e-3
     finally:
         shutdown(rollouts, learner)
 
@@ -125,14 +129,14 @@ def test_update_does_not_depend_on_ranks_or_micro_batches(tmp_path):
     """Same batch through (1 rank, micro 8) and (2 ranks, micro 1): same loss and same global gradient norm."""
     from rl.cluster import LearnerGroup, init_ray, shutdown
     from rl.models import resolve_model
+    from rl.contracts import TrainSequence
     from rl.rollout import RolloutWorker, SamplingParams
 
     path = resolve_model("tiny:llama")
     out = RolloutWorker(path).generate(["What is 2 + 2?", "Name a colour."], SamplingParams(n=4, max_new_tokens=10),
                                        seed=3)
-    seqs = [{"prompt_ids": p, "response_ids": r, "old_logprobs": lp, "advantage": a}
-            for p, r, lp, a in zip(out["prompt_ids"], out["response_ids"], out["logprobs"],
-                                   [1.0, -0.5, 0.25, -0.75, 0.5, -1.0, 0.8, -0.3])]
+    seqs = [TrainSequence(p, r, lp, a) for p, r, lp, a in zip(out.prompt_ids, out.response_ids, out.logprobs,
+                                                              [1.0, -0.5, 0.25, -0.75, 0.5, -1.0, 0.8, -0.3])]
     results = {}
     for ranks, micro, agg in [(1, 8, "token-mean"), (2, 1, "token-mean"),
                               (1, 8, "seq-mean-token-mean"), (2, 3, "seq-mean-token-mean")]:
@@ -141,7 +145,8 @@ def test_update_does_not_depend_on_ranks_or_micro_batches(tmp_path):
         init_ray(cfg)
         learner = LearnerGroup(cfg, path)
         try:
-            results[(ranks, micro, agg)] = learner.train([dict(s) for s in seqs], mini_batches=1, max_len=10)
+            results[(ranks, micro, agg)] = learner.train([dataclasses.replace(s) for s in seqs], mini_batches=1,
+                                                         max_len=10)
         finally:
             shutdown(learner)
     for agg, (x, y) in {"token-mean": ((1, 8), (2, 1)), "seq-mean-token-mean": ((1, 8), (2, 3))}.items():

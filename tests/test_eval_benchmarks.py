@@ -129,10 +129,12 @@ def test_rescore_reverifies_saved_responses_without_generating(tmp_path):
 
 
 def test_in_training_eval_keys_are_validated_with_the_config():
+    from launch.run import load_training_config
     from rl.config import ConfigError, load_config
 
+    # The benchmark names are eval's to know: checked where a training config is loaded, above rl/.
     with pytest.raises(ConfigError, match=r"'trainer.eval_benchmarks': unknown benchmark 'mat500'; known: math500"):
-        load_config(None, ["trainer.eval_benchmarks=[mat500]"])
+        load_training_config(None, ["trainer.eval_benchmarks=[mat500]"])
     with pytest.raises(ConfigError, match=r"'trainer.eval_samples': 4 greedy responses would be identical"):
         load_config(None, ["trainer.eval_samples=4"])
     cfg = load_config(None, ["trainer.eval_samples=4", "trainer.eval_greedy=false", "trainer.eval_every=5"])
@@ -151,5 +153,5 @@ def test_eval_sampling_skips_logits_without_changing_the_tokens():
     assert params.logprobs is False and params.top_k == 0
     lean = worker.generate(["What is 2 + 2?", "Name a colour."], params, seed=5)
     full = worker.generate(["What is 2 + 2?", "Name a colour."], dataclasses.replace(params, logprobs=True), seed=5)
-    assert lean["response_ids"] == full["response_ids"] and lean["finish_reason"] == full["finish_reason"]
-    assert lean["logprobs"] == [[]] * 4 and [len(x) for x in full["logprobs"]] == [len(x) for x in full["response_ids"]]
+    assert lean.response_ids == full.response_ids and lean.finish_reason == full.finish_reason
+    assert lean.logprobs == [[]] * 4 and [len(x) for x in full.logprobs] == [len(x) for x in full.response_ids]

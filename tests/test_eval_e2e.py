@@ -85,15 +85,15 @@ def test_eval_writes_every_output_resumes_and_compares(tmp_path, capsys):
 
 def test_in_training_benchmark_eval_is_logged_beside_training_metrics(tmp_path):
     from eval.compare import compare
+    from launch.run import train_run  # builds the benchmark eval hook the trainer runs
     from rl.config import load_config
-    from rl.trainer import train
 
     out = tmp_path / "run"
     cfg = load_config(ROOT / "configs/tiny.yaml", [
         f"trainer.output_dir={out}", "trainer.eval_every=1", "trainer.eval_benchmarks=[math500, amc23]",
         "trainer.eval_limit=2", f"trainer.eval_data_dir={DATA}", "trainer.eval_at_start=false",
         "trainer.eval_at_end=false", "logging.progress=false", "logging.plots=false", "trainer.save_every=0"])
-    train(cfg)
+    train_run(cfg)
     rows = [json.loads(line) for line in _lines(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:

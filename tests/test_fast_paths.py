@@ -99,15 +99,15 @@ def test_continuous_batching_backend_logprobs_match_a_forward_pass():
     worker = RolloutWorker(resolve_model("tiny:llama"), num_threads=1, backend="continuous")
     prompts = ["<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n", "Count: one, two,"]
     out = worker.generate(prompts, SamplingParams(n=3, max_new_tokens=8, temperature=0.7, batch_size=4), seed=0)
-    assert len(out["response_ids"]) == 6
-    assert out["prompt_ids"][0] == out["prompt_ids"][2] != out["prompt_ids"][3]  # groups contiguous, in order
-    assert all(len(r) == 8 and f == "length" for r, f in zip(out["response_ids"], out["finish_reason"]))
+    assert len(out.response_ids) == 6
+    assert out.prompt_ids[0] == out.prompt_ids[2] != out.prompt_ids[3]  # groups contiguous, in order
+    assert all(len(r) == 8 and f == "length" for r, f in zip(out.response_ids, out.finish_reason))
     with torch.no_grad():
-        ref = response_logprobs(worker.model, pad_pairs(out["prompt_ids"], out["response_ids"],
+        ref = response_logprobs(worker.model, pad_pairs(out.prompt_ids, out.response_ids,
                                                         worker.tokenizer.pad_token_id), temperature=0.7)
-    for i, lp in enumerate(out["logprobs"]):
+    for i, lp in enumerate(out.logprobs):
         assert torch.allclose(torch.tensor(lp), ref[i, :len(lp)], atol=1e-4)
-    assert len({tuple(r) for r in out["response_ids"]}) > 1  # really sampled
+    assert len({tuple(r) for r in out.response_ids}) > 1  # really sampled
 
 
 @pytest.mark.parametrize("overrides, key", [

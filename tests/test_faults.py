@@ -113,7 +113,7 @@ def test_submit_stages_config_and_reward_files(tmp_path, monkeypatch, request):
     assert staged["reward"]["accuracy"] == fn and staged["reward"]["functions"][1]["fn"] == "boxed_format"
     assert (stage / f"{fn.split('.')[1].split(':')[0]}.py").read_text() == reward.read_text()
     assert staged["trainer"]["output_dir"] == str(Path("relative/run").resolve())
-    assert job["entrypoint"] == "python -m launch.submit run tiny.yaml"
+    assert job["entrypoint"] == "python -m launch.job tiny.yaml"
     # The staged config is valid where the package is importable, as it is on the cluster.
     monkeypatch.syspath_prepend(str(stage.parent))
     assert load_config(stage / "tiny.yaml").reward.accuracy == fn

@@ -1,4 +1,4 @@
-"""FGO (shared/specs/algorithms.md §1) against hand-computed groups, and its two entropy proxies. Pure torch, fast."""
+"""FGO (docs/algorithms.md, "FGO") against hand-computed groups, and its two entropy proxies. Pure torch, fast."""
 import math
 
 import pytest
@@ -37,7 +37,7 @@ def test_mixed_group_weights_by_hand_and_mean_zero():
     expected = [w_ok[0], w_ok[1], -w_bad[0], -w_bad[1]]
     assert R.tolist() == pytest.approx(expected, rel=1e-5)
     A = fgo_advantages(c, L, H, 4, alpha=1.0, beta=1.0)
-    # mixed group: each subgroup's weights sum to +-1, so mean R = 0 and A = R (§1.2)
+    # mixed group: each subgroup's weights sum to +-1, so mean R = 0 and A = R
     assert float(R.sum()) == pytest.approx(0.0, abs=1e-12)
     assert A.tolist() == pytest.approx(expected, rel=1e-5)
     # shorter correct answer gets more credit; among wrong ones the lower-entropy one is penalised most

@@ -1,4 +1,4 @@
-"""TODO / DPO: loss values and gradients against hand computation (shared/specs/algorithms.md §2), the reduction
+"""TODO / DPO: loss values and gradients against hand computation (docs/algorithms.md, "TODO and DPO"), the reduction
 to DPO, the TOBT evaluation, the online pair builder on hand-made groups, and preference data loading."""
 import json
 import math
@@ -9,6 +9,7 @@ import torch
 
 from rl.algorithms import dpo_loss, preference_correct, tobt_probabilities, todo_loss, todo_losses
 from rl.config import ConfigError, load_config
+from rl.contracts import PreferencePair, RolloutBatch
 from rl.data import DataError
 from rl.models import load_tokenizer, resolve_model
 from rl.preference import (candidate_pairs, encode_pair, load_pairs, pair_batch, preference_metrics, rollout_pairs,
@@ -91,7 +92,7 @@ def test_reduces_to_dpo_as_alpha_goes_to_zero():
     gaps = [abs(float(todo_loss(pc, pr, rc, rr, none, beta=0.3, alpha=a)) - dpo) for a in (0.5, 0.1, 1e-2, 1e-4)]
     assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-4
     assert float(todo_loss(pc, pr, rc, rr, none, beta=0.3, alpha=0.0)) == pytest.approx(dpo, rel=1e-12)
-    # ...while a tie cannot be modelled at alpha = 0: its likelihood is 0, its loss infinite (§2.3)
+    # ...while a tie cannot be modelled at alpha = 0: its likelihood is 0, its loss infinite
     assert math.isinf(float(todo_loss(pc, pr, rc, rr, torch.ones(len(ROWS)), beta=0.3, alpha=0.0)))
 
 
@@ -176,26 +177,29 @@ def test_select_pairs_priority_and_random():
 
 def test_rollout_pairs_counts_every_kind():
     cfg = load_config(None, ["algorithm.name=todo", "algorithm.todo.online=true", "algorithm.todo.pairs_per_group=0"])
-    rollout = {"prompt_ids": [[1]] * 4 + [[2]] * 4,
-               "response_ids": [[5] * 10, [6] * 11, [7] * 30, [8] * 12,  # group 0: correct, correct, correct, wrong
-                                [9] * 10, [10] * 40, [11] * 10, [12] * 40]}  # group 1: all wrong
+    rollout = RolloutBatch(prompt_ids=[[1]] * 4 + [[2]] * 4,
+                           response_ids=[[5] * 10, [6] * 11, [7] * 30, [8] * 12,  # group 0: correct x3, wrong
+                                         [9] * 10, [10] * 40, [11] * 10, [12] * 40])  # group 1: all wrong
     correct = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     pairs, counts = rollout_pairs(rollout, correct, 4, cfg.algorithm.todo, True, np.random.default_rng(0))
     assert counts == {"pairs/preference": 3, "pairs/shorter": 2, "pairs/tie_correct": 1, "pairs/tie_incorrect": 2,
                       "groups_without_pairs": 0}
-    assert all(p["prompt_ids"] == [2] for p in pairs if p["kind"] == "tie_incorrect")
-    shorter = [p for p in pairs if p["kind"] == "shorter"]
-    assert all(len(p["chosen_ids"]) < len(p["rejected_ids"]) for p in shorter)
+    assert all(p.prompt_ids == [2] for p in pairs if p.kind == "tie_incorrect")
+    shorter = [p for p in pairs if p.kind == "shorter"]
+    assert all(len(p.chosen_ids) < len(p.rejected_ids) for p in shorter)
+    assert all(rollout.response_ids[p.index[0]] == p.chosen_ids and rollout.response_ids[p.index[1]] == p.rejected_ids
+               for p in pairs)
     no_ties, counts = rollout_pairs(rollout, correct, 4, cfg.algorithm.todo, False, np.random.default_rng(0))
-    assert counts["groups_without_pairs"] == 1 and not any(p["tie"] for p in no_ties)
+    assert counts["groups_without_pairs"] == 1 and not any(p.tie for p in no_ties)
 
 
 def test_trainable_ties_per_algorithm():
-    pairs = [{"tie": True}, {"tie": False}]
+    pair = lambda tie: PreferencePair([1], [2], [3], tie=tie)  # noqa: E731
+    pairs = [pair(True), pair(False)]
     assert trainable(pairs, "todo", 0.5, "drop") == pairs
-    assert trainable(pairs, "todo", 0.0, "drop") == [{"tie": False}]
-    assert trainable(pairs, "dpo", 0.5, "drop") == [{"tie": False}]
-    assert trainable(pairs, "dpo", 0.5, "as_preference") == [{"tie": False}, {"tie": False}]
+    assert trainable(pairs, "todo", 0.0, "drop") == [pair(False)]
+    assert trainable(pairs, "dpo", 0.5, "drop") == [pair(False)]
+    assert trainable(pairs, "dpo", 0.5, "as_preference") == [pair(False), pair(False)]
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -213,11 +217,11 @@ def test_plain_and_chat_pairs_encode_to_the_same_tokens(tok):
     prompt = tok.apply_chat_template([{"role": "system", "content": system},
                                       {"role": "user", "content": "What is 2 + 2?"}], tokenize=False,
                                      add_generation_prompt=True)
-    assert plain["prompt_ids"] == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert plain.prompt_ids == tok(prompt, add_special_tokens=False)["input_ids"]
     # a response ends with the end-of-turn token, as a sampled one does
-    assert plain["chosen_ids"][-1] == tok.eos_token_id and tok.decode(plain["chosen_ids"][:-1]) == "4"
+    assert plain.chosen_ids[-1] == tok.eos_token_id and tok.decode(plain.chosen_ids[:-1]) == "4"
     batch = pair_batch([plain, chat], tok.pad_token_id)
-    assert batch["input_ids"].shape[0] == 4 and batch["response_mask"].sum().item() == 4 * len(plain["chosen_ids"])
+    assert batch["input_ids"].shape[0] == 4 and batch["response_mask"].sum().item() == 4 * len(plain.chosen_ids)
 
 
 def test_load_pairs_skips_and_counts_missing_fields(tmp_path, tok):
@@ -233,12 +237,12 @@ def test_load_pairs_skips_and_counts_missing_fields(tmp_path, tok):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs, stats = load_pairs(str(path), "train", tok)
     assert len(pairs) == 4 and stats["pairs"] == 4 and stats["ties"] == 1 and stats["skipped_bad_format"] == 0
-    assert tok.decode(pairs[-1]["chosen_ids"][:-1]) == "4"
+    assert tok.decode(pairs[-1].chosen_ids[:-1]) == "4"
     assert stats["skipped_no_prompt"] == 1 and stats["skipped_no_chosen"] == 1 and stats["skipped_no_tie"] == 1
     # a file without any tie column is an ordinary preference set
     path.write_text(json.dumps({"prompt": "a?", "chosen": "x", "rejected": "y"}) + "\n")
     pairs, stats = load_pairs(str(path), "train", tok)
-    assert stats["tie_column"] is False and pairs[0]["tie"] is False
+    assert stats["tie_column"] is False and pairs[0].tie is False
     path.write_text(json.dumps({"prompt": "", "chosen": "x", "rejected": "y", "tie": False}) + "\n")
     with pytest.raises(DataError, match="no usable pairs"):
         load_pairs(str(path), "train", tok)

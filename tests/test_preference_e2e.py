@@ -50,7 +50,7 @@ def _offline(tmp_path: Path, out: Path, *extra: str):
 
 
 def test_offline_todo_two_ranks_and_pref_eval(tmp_path):
-    from rl.preference_trainer import pref_eval
+    from rl.preference_tools import pref_eval
 
     out = tmp_path / "run"
     cfg = _offline(tmp_path, out, "trainer.max_steps=2", "data.eval_size=2")
@@ -107,3 +107,18 @@ def test_online_todo_two_ranks_zero3_builds_pairs_from_the_verifier(tmp_path):
     assert "pref_eval/tobt_acc" in metrics[-1]
     evals = _rows(out / "events.jsonl", "pref_eval")
     assert [e["step"] for e in evals] == [0, 2] and abs(evals[0]["mu_mean"]) < 1e-6
+
+
+def test_offline_todo_reserves_its_placement_before_any_actor(tmp_path, monkeypatch):
+    """Offline TODO goes through the same lifecycle as GRPO, so `placement.*` binds it too: a learner placement the
+    cluster cannot hold fails naming the role, and no actor or metrics row ever appears. (Roles pinned to nodes of
+    a real two-node cluster: tests/test_cluster.py.)"""
+    from rl.config import ConfigError
+
+    monkeypatch.setattr("rl.placement.READY_TIMEOUT_S", 5.0)  # the cluster has no such resource: no need to wait
+    out = tmp_path / "run"
+    cfg = _offline(tmp_path, out, "trainer.max_steps=1", "data.eval_size=0",
+                   "placement.learner.resources={no_such_node: 1}")
+    with pytest.raises(ConfigError, match="placement.learner"):
+        train(cfg)
+    assert not (out / "metrics.jsonl").exists()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rl.algorithms import dpo_loss, todo_loss
+from rl.contracts import PreferencePair
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.preference import encode_pair, pair_batch, summed_logps
 
@@ -34,8 +35,7 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
     with torch.no_grad():
         theirs = float(trainer.compute_loss(policy, batch))
 
-    pairs = [{"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]}
-             for r in trainer.train_dataset]
+    pairs = [PreferencePair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
     b = pair_batch(pairs, tok.pad_token_id)
     with torch.no_grad():
         pc, pr = summed_logps(policy, b)
@@ -49,6 +49,6 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
     # after the end-of-turn token; a sampled response stops at the end-of-turn token, so ours does too).
     mine = encode_pair(tok, rows[0]["prompt"], rows[0]["chosen"], rows[0]["rejected"], False)
     ref_row = trainer.train_dataset[0]
-    assert mine["prompt_ids"] == ref_row["prompt_ids"]
-    assert mine["chosen_ids"] == ref_row["chosen_ids"][:len(mine["chosen_ids"])]
-    assert ref_row["chosen_ids"][len(mine["chosen_ids"]):] == tok("\n", add_special_tokens=False)["input_ids"]
+    assert mine.prompt_ids == ref_row["prompt_ids"]
+    assert mine.chosen_ids == ref_row["chosen_ids"][:len(mine.chosen_ids)]
+    assert ref_row["chosen_ids"][len(mine.chosen_ids):] == tok("\n", add_special_tokens=False)["input_ids"]

@@ -19,26 +19,26 @@ def worker():
 @pytest.mark.parametrize("sampler", ["inverse_cdf", "multinomial"])
 def test_groups_are_contiguous_and_logprobs_match_a_forward_pass(worker, sampler):
     out = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7, sampler=sampler), seed=0)
-    assert len(out["response_ids"]) == 6
-    assert out["prompt_ids"][0] == out["prompt_ids"][2] != out["prompt_ids"][3]
-    assert all(reason == "length" and len(r) == 8 for reason, r in zip(out["finish_reason"], out["response_ids"]))
-    batch = pad_pairs(out["prompt_ids"], out["response_ids"], worker.tokenizer.pad_token_id)
+    assert len(out.response_ids) == 6
+    assert out.prompt_ids[0] == out.prompt_ids[2] != out.prompt_ids[3]
+    assert all(reason == "length" and len(r) == 8 for reason, r in zip(out.finish_reason, out.response_ids))
+    batch = pad_pairs(out.prompt_ids, out.response_ids, worker.tokenizer.pad_token_id)
     with torch.no_grad():
         ref = response_logprobs(worker.model, batch, temperature=0.7)
-    for i, lp in enumerate(out["logprobs"]):
+    for i, lp in enumerate(out.logprobs):
         assert torch.allclose(torch.tensor(lp), ref[i, :len(lp)], atol=1e-4)
     # The entropies measured during generation are those of the same logits, summed over the response.
     with torch.no_grad():
         logits = worker.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"]).logits[:, batch["prompt_len"] - 1:-1]
     ent = entropy_from_logits(logits, 0.7)
-    for i, r in enumerate(out["response_ids"]):
-        assert out["entropy_sum"][i] == pytest.approx(float(ent[i, :len(r)].sum()), rel=1e-4)
+    for i, r in enumerate(out.response_ids):
+        assert out.entropy_sum[i] == pytest.approx(float(ent[i, :len(r)].sum()), rel=1e-4)
     # Same seed, same samples; another seed, other samples.
     again = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7, sampler=sampler), seed=0)
-    assert again["response_ids"] == out["response_ids"]
+    assert again.response_ids == out.response_ids
     other = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, sampler=sampler), seed=1)
-    assert other["response_ids"] != out["response_ids"]
+    assert other.response_ids != out.response_ids
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.7)])
@@ -73,7 +73,7 @@ def test_no_hidden_top_k(worker):
     """At a very high temperature the distribution is near uniform: most samples must fall outside the top 50
     (transformers would silently apply top_k=50 if the generation config left it unset)."""
     out = worker.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=16, temperature=100.0), seed=0)
-    batch = pad_pairs(out["prompt_ids"], out["response_ids"], worker.tokenizer.pad_token_id)
+    batch = pad_pairs(out.prompt_ids, out.response_ids, worker.tokenizer.pad_token_id)
     with torch.no_grad():
         logits = worker.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"]).logits[:, batch["prompt_len"] - 1:-1]
@@ -93,9 +93,9 @@ def test_stop_reason_and_eos_kept(worker):
     model.lm_head = biased
     try:
         out = worker.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8), seed=0)
-        assert out["finish_reason"] == ["stop"] * 4
-        assert out["response_ids"] == [[worker.tokenizer.eos_token_id]] * 4 and out["text"] == [""] * 4
-        assert all(abs(lp[0]) < 1e-3 for lp in out["logprobs"])  # log-prob of a near-certain EOS
+        assert out.finish_reason == ["stop"] * 4
+        assert out.response_ids == [[worker.tokenizer.eos_token_id]] * 4 and out.text == [""] * 4
+        assert all(abs(lp[0]) < 1e-3 for lp in out.logprobs)  # log-prob of a near-certain EOS
     finally:
         model.lm_head = head
 
@@ -107,9 +107,9 @@ def test_load_weights_changes_the_policy_and_rejects_foreign_state(worker):
                for n, v in original.items()}
     assert worker.load_weights(shifted, version=3) == 3
     after = worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0)
-    assert after["logprobs"] != before["logprobs"]
+    assert after.logprobs != before.logprobs
     with pytest.raises(RuntimeError, match="weight sync mismatch"):
         worker.load_weights({"not.a.param": np.zeros(3, np.float32)}, version=4)
     worker.load_weights(original, version=5)
-    assert worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0)["logprobs"] == \
-        before["logprobs"]
+    assert worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0).logprobs == \
+        before.logprobs

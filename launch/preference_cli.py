@@ -1,6 +1,7 @@
-"""`reasonrl pref-eval` and `reasonrl pref-build`: subcommands for TODO / DPO (logic in rl/preference_trainer.py).
+"""`reasonrl pref-eval` and `reasonrl pref-build`: subcommands for TODO / DPO (logic in rl/preference_tools.py).
 
-Kept apart from the trainer so that `reasonrl --help` and config errors stay fast (no Ray / torch import).
+The handlers import their logic when they run: rl.preference_tools needs torch, ray and transformers, and launch.run
+the reward registry (math-verify, sympy), while `reasonrl --help` imports this module.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 
 def _pref_eval(args) -> int:
-    from rl.preference_trainer import pref_eval
+    from rl.preference_tools import pref_eval
 
     result = pref_eval(args.run, args.pairs, args.policy, args.limit)
     print(json.dumps(result, indent=1))
@@ -19,10 +20,10 @@ def _pref_eval(args) -> int:
 
 
 def _pref_build(args) -> int:
-    from rl.config import load_config
-    from rl.preference_trainer import build_preference_set
+    from launch.run import load_training_config
+    from rl.preference_tools import build_preference_set
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_training_config(args.config, args.overrides)
     summary = build_preference_set(cfg, args.out, args.train_prompts, args.eval_prompts)
     print(json.dumps(summary, indent=1))
     return 0

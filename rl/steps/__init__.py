@@ -1,0 +1,31 @@
+"""The registry of step kinds: `algorithm.name` -> what builds its step (rl/steps/base.py says what a step is).
+
+Adding an algorithm: its step in a new file here, its loss as a pure tensor function in rl/algorithms.py (and, if
+the learner computes something new, a named update in rl/updates.py), and one line below.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from rl.config import Config, ConfigError
+from rl.steps.base import Run, Step
+from rl.steps.policy import PolicyGradientStep
+from rl.steps.preference import preference_step
+
+STEPS: dict[str, Callable[[Config], Step]] = {
+    "grpo": PolicyGradientStep,
+    "fgo": PolicyGradientStep,
+    "todo": preference_step,  # online or offline by algorithm.todo.online
+    "dpo": preference_step,
+}
+
+
+def make_step(cfg: Config) -> Step:
+    try:
+        return STEPS[cfg.algorithm.name](cfg)
+    except KeyError:
+        raise ConfigError(f"config key 'algorithm.name': no step kind {cfg.algorithm.name!r} "
+                          f"(known: {', '.join(sorted(STEPS))})") from None
+
+
+__all__ = ["STEPS", "Run", "Step", "make_step"]

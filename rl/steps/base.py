@@ -1,0 +1,134 @@
+"""What an algorithm plugs into the run lifecycle (rl/trainer.py): a `Step`, and the `Run` it is handed.
+
+A step kind declares
+- where its data comes from: `items()` returns what the lifecycle's resumable sampler draws from (prompt rows that
+  the step turns into rollouts and rewards, or records of a dataset such as preference pairs), `per_step` how many
+  it draws a step, `roles` which actor groups it needs;
+- what the learner computes on it: `run()` does one step and returns its metrics row;
+- optional hooks around the loop (`start`, `finish`) and state that must survive a resume (`state_dict`).
+The lifecycle owns everything else: setup, placement, resume, checkpoints, held-out evaluation, hooks, teardown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rl.config import Config
+from rl.contracts import RolloutBatch
+from rl.metrics import MetricsLogger, summarize
+from rl.prompts import prepare_prompts
+from rl.scoring import ScoredBatch, score_batch
+
+ROLLOUT_ROLES = ("rollout", "reward", "learner")
+
+
+@dataclass
+class Run:
+    """One run's live state, as the lifecycle hands it to steps and hooks. A role the run did not start is None."""
+    cfg: Config
+    out_dir: Path
+    tokenizer: object
+    model_path: str
+    metrics: MetricsLogger
+    sampler: object  # rl.data.PromptSampler over the step's items
+    start_step: int
+    rollouts: object = None  # rl.cluster.RolloutGroup
+    rewards: object = None  # rl.cluster.RewardGroup
+    learner: object = None  # rl.cluster.LearnerGroup
+    weights: object = None  # rl.weights.WeightSync: the only owner of what the rollout workers hold
+    learner_version: int = 0  # the step whose update the learner holds
+
+    def updated(self, step: int) -> None:
+        """Record that the learner now holds step `step`'s update."""
+        self.learner_version = step
+
+    def sync(self) -> None:
+        """Bring the rollout workers to the learner's weights, if they are behind."""
+        if self.weights is not None and self.weights.version != self.learner_version:
+            self.weights.push(self.learner_version)
+
+    def generate(self, prompts: list[str], params, seed: int) -> RolloutBatch:
+        return self.rollouts.generate(prompts, params, seed, weights=self.weights)
+
+    def score(self, rows: list[dict], batch: RolloutBatch, group_size: int) -> ScoredBatch:
+        """The configured rewards on `batch` (group_size samples per row, contiguous)."""
+        r = self.cfg.reward
+        return score_batch(self.rewards, rows, [row["prompt"] for row in rows], batch, group_size,
+                           {f.fn: f.weight for f in r.functions}, r.accuracy, self.cfg.data.answer_key)
+
+
+class Step:
+    roles: tuple[str, ...] = ROLLOUT_ROLES
+    plot_keys: tuple[str, ...] = ("reward", "accuracy", "response_tokens_mean")
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def check(self, tokenizer) -> None:
+        """Config and data problems pydantic cannot see, raised before any actor starts."""
+
+    def items(self, tokenizer) -> tuple[list, dict]:
+        """What the sampler draws from, and counts of what was read and skipped. Default: the training prompts."""
+        return prepare_prompts(self.cfg, tokenizer, self.cfg.data.train, self.cfg.data.train_split)
+
+    @property
+    def per_step(self) -> int:
+        return self.cfg.rollout.prompts_per_step
+
+    def start(self, run: Run) -> dict:
+        """After the actors started and the checkpoint (if any) was restored; returns entries for the summary."""
+        return {}
+
+    def draw(self, run: Run, step: int) -> tuple[list, dict]:
+        """The step's items and the sampler state right after drawing them (what the step's checkpoint stores)."""
+        items = run.sampler.next_batch(self.per_step)
+        return items, run.sampler.state_dict()
+
+    def run(self, run: Run, step: int, items: list) -> dict:
+        raise NotImplementedError
+
+    def finish(self, run: Run) -> dict:
+        """After the last step, before the final checkpoint; returns entries for the summary."""
+        return {}
+
+    def abort(self) -> None:
+        """The run is being interrupted: drop work in flight without waiting for it."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def rollout_metrics(batch: RolloutBatch, scored: ScoredBatch) -> dict:
+    """The metrics every rollout-based step logs, whatever it trains on."""
+    tokens, correct = batch.tokens, scored.correct
+    token_stats = summarize(tokens)
+    row = {
+        "reward": sum(scored.total) / len(scored.total), "accuracy": sum(correct) / len(correct),
+        "response_tokens_mean": token_stats["mean"], "response_tokens_max": token_stats["max"],
+        "truncation_rate": batch.finish_reason.count("length") / len(tokens),
+        "entropy": sum(batch.entropy_sum) / max(1, sum(tokens)),  # mean full-vocabulary entropy per token
+        "tokens_correct_mean": _mean([t for t, c in zip(tokens, correct) if c > 0.5]),
+        "tokens_incorrect_mean": _mean([t for t, c in zip(tokens, correct) if c <= 0.5]),
+        "reward_failures": sum(scored.result.failures.values()),
+        "reward_timeouts": sum(scored.result.timeouts.values()),
+    }
+    for name, vals in scored.result.scores.items():
+        row[f"reward/{name}"] = sum(vals) / len(vals)
+    return row
+
+
+def log_rollout_events(run: Run, step: int, rows: list[dict], batch: RolloutBatch, scored: ScoredBatch) -> None:
+    """Reward failures, and every `logging.sample_every` steps one example completion, into events.jsonl."""
+    if scored.result.errors:
+        run.metrics.log_event("reward_failures", {"step": step, "errors": scored.result.errors[:5]})
+    every = run.cfg.logging.sample_every
+    if every and step % every == 0:
+        run.metrics.log_event("sample", {"step": step, "prompt": rows[0]["prompt"], "completion": batch.text[0],
+                                         "reward": scored.total[0]})
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")  # NaN is logged as null: "no such response this step"

@@ -1,0 +1,98 @@
+"""GRPO and FGO: rollout -> rewards -> advantages -> clipped policy-gradient update -> weight sync.
+
+The two differ only in the advantages (rl.algorithms): GRPO normalises the weighted total reward within each group
+(Shao et al. 2024, DeepSeekMath); FGO splits each group by correctness and reweights inside each subgroup by length
+and entropy, so all-correct and all-wrong groups still teach (docs/algorithms.md, "FGO").
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rl.algorithms import (fgo_advantages, fgo_rewards, fgo_weight_spread, grpo_advantages, sampled_token_entropy,
+                           zero_advantage_groups)
+from rl.batch import pad_values
+from rl.contracts import RolloutBatch, TrainSequence
+from rl.pipeline import RolloutPipeline
+from rl.scoring import ScoredBatch
+from rl.steps.base import Run, Step, log_rollout_events, rollout_metrics
+
+
+def compute_advantages(cfg, scored: ScoredBatch, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+    """Per-sample advantages for the configured algorithm, plus its diagnostics for the step's metrics.
+
+    grpo: from the weighted total reward. fgo: from correctness (`reward.accuracy`) reweighted by length and entropy
+    inside each correct / incorrect subgroup; the other reward terms do not enter.
+    """
+    a, G = cfg.algorithm, cfg.rollout.group_size
+    if a.name == "grpo":
+        return grpo_advantages(torch.tensor(scored.total), G, scale_by_std=a.scale_by_std), {}
+    ok = torch.tensor(scored.correct) > 0.5
+    lengths = torch.tensor(batch.tokens, dtype=torch.float64)
+    entropies = fgo_entropies(batch, a.fgo.entropy)
+    adv = fgo_advantages(ok, lengths, entropies, G, a.fgo.alpha, a.fgo.beta, scale_by_std=a.scale_by_std)
+    weights = fgo_rewards(ok, lengths, entropies, G, a.fgo.alpha, a.fgo.beta)
+    # What GRPO would have wasted on the very same rollouts: groups whose +-1 rewards are all equal.
+    grpo_zero = zero_advantage_groups(grpo_advantages(ok.float(), G), G).float().mean()
+    return adv, {"fgo_entropy": float(entropies.mean()), "fgo_weight_spread": fgo_weight_spread(weights, ok, G),
+                 "zero_adv_groups_grpo": float(grpo_zero)}
+
+
+def fgo_entropies(batch: RolloutBatch, kind: str) -> torch.Tensor:
+    """H_i per response from what the rollout measured at generation time (no second forward pass)."""
+    if kind == "mean_token_entropy":
+        return torch.tensor([s / max(1, n) for s, n in zip(batch.entropy_sum, batch.tokens)], dtype=torch.float64)
+    lp = batch.logprobs
+    width = max(1, max(len(x) for x in lp))
+    return sampled_token_entropy(pad_values(lp, width).double(), pad_values([[1.0] * len(x) for x in lp], width))
+
+
+class PolicyGradientStep(Step):
+    def start(self, run: Run) -> dict:
+        self.pipeline = RolloutPipeline(run, self.per_step)
+        return {}
+
+    def draw(self, run: Run, step: int) -> tuple[list, dict]:
+        return self.pipeline.prompts(step)  # with max_staleness 1 they may have been drawn a step ahead
+
+    def run(self, run: Run, step: int, rows: list[dict]) -> dict:
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        t0 = time.perf_counter()
+        batch, staleness = self.pipeline.rollout(step, rows)
+        self.pipeline.start_next(step + 1)  # max_staleness 1: the next rollout runs while this step trains
+        t1 = time.perf_counter()
+        scored = run.score(rows, batch, G)
+        advantages, algo_stats = compute_advantages(cfg, scored, batch)
+        t2 = time.perf_counter()
+        sequences = [TrainSequence(p, r, lp, float(a)) for p, r, lp, a in
+                     zip(batch.prompt_ids, batch.response_ids, batch.logprobs, advantages)]
+        # A stale rollout came from older weights: the ratio to its own log-probs is the importance weight.
+        stats = run.learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens,
+                                  on_policy=not staleness)
+        run.updated(step)
+        t3 = time.perf_counter()
+        self.pipeline.settle()  # the in-flight rollout must finish on the old weights before they are replaced
+        t_settled = time.perf_counter()
+        run.sync()
+        t4 = time.perf_counter()
+
+        log_rollout_events(run, step, rows, batch, scored)
+        row = {"loss": stats["loss"], **rollout_metrics(batch, scored),
+               "kl": stats["kl_sum"] / max(1.0, stats["tokens"]),
+               "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
+               "zero_adv_groups": float(zero_advantage_groups(advantages, G).float().mean()),
+               "grad_norm": stats["grad_norm"], "lr": stats["lr"], **algo_stats}
+        row.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_rollout_wait=t_settled - t3,
+                   time_sync=t4 - t_settled, staleness=staleness,
+                   ratio_mean=stats["ratio_sum"] / max(1.0, stats["tokens"]))
+        return row
+
+    def finish(self, run: Run) -> dict:
+        self.pipeline.close()
+        return {}
+
+    def abort(self) -> None:
+        """Ctrl-C: do not wait for a rollout in flight (its actors are about to be killed)."""
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.close(wait=False)
