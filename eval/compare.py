@@ -73,9 +73,9 @@ def compare(a_dir: str | Path, b_dir: str | Path, out: str | Path | None = None,
         results["benchmarks"][name] = {
             "problems": len(ids),
             "a": benchmark_metrics([r for r in rec_a[name] if str(r["problem_id"]) in keep], confidence=confidence,
-                                   n_boot=n_boot, seed=seed),
+                                   n_boot=n_boot, seed=seed, budget=meta_a.get("max_new_tokens")),
             "b": benchmark_metrics([r for r in rec_b[name] if str(r["problem_id"]) in keep], confidence=confidence,
-                                   n_boot=n_boot, seed=seed),
+                                   n_boot=n_boot, seed=seed, budget=meta_b.get("max_new_tokens")),
             "accuracy_diff": diff[0], "accuracy_diff_ci": [diff[1], diff[2]],
             "token_ratio": ratio[0], "token_ratio_ci": [ratio[1], ratio[2]],
             "verdict": verdict(name, ratio, diff),
@@ -84,6 +84,7 @@ def compare(a_dir: str | Path, b_dir: str | Path, out: str | Path | None = None,
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out / "compare.md", table)
     if plots:
+        from eval.budget import plot_accuracy_at_budget
         from eval.plots import accuracy_vs_tokens, token_histogram
 
         results["plots"] = []
@@ -91,6 +92,10 @@ def compare(a_dir: str | Path, b_dir: str | Path, out: str | Path | None = None,
             results["plots"].append(str(token_histogram(rec_a[name], rec_b[name], name, out / f"tokens_{name}.png")))
             results["plots"].append(str(accuracy_vs_tokens(rec_a[name], rec_b[name], name,
                                                            out / f"accuracy_vs_tokens_{name}.png")))
+            r = results["benchmarks"][name]  # every compared model on one frontier plot (eval.budget)
+            results["plots"].append(str(plot_accuracy_at_budget(
+                {"A": r["a"]["accuracy_at_budget"], "B": r["b"]["accuracy_at_budget"]}, name,
+                out / f"accuracy_at_budget_{name}.png")))
         write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     results["out"] = str(out)
     return results

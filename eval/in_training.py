@@ -101,7 +101,8 @@ class BenchmarkEval:
             records, fails = generate_records(run.rollouts, self._rewards, rows, prompts, params,
                                               chunk_seed(self.settings.seed + step, name, 0), name, run.weights)
             write_samples(out / SAMPLES_DIR / f"{name}.jsonl", records)
-            m = results[name] = dict(benchmark_metrics(records, seed=self.settings.seed), **fails)
+            m = results[name] = dict(benchmark_metrics(records, seed=self.settings.seed,
+                                                       budget=self.settings.max_new_tokens), **fails)
             run.metrics.log_event("benchmark_eval", {"step": step, "benchmark": name, **m})
             n = str(m["samples_per_problem"])
             row.update({f"eval/{name}/accuracy": m["accuracy"], f"eval/{name}/accuracy_lo": m["accuracy_ci"][0],
@@ -109,6 +110,8 @@ class BenchmarkEval:
                         f"eval/{name}/tokens_mean": m["tokens"]["mean"],
                         f"eval/{name}/truncation_rate": m["truncation_rate"],
                         f"eval/{name}/act": float("nan") if m["act"] is None else m["act"]})
+            if "redundancy_rate" in m:  # a testbed benchmark (rl/testbed.py): redundancy beside length
+                row[f"eval/{name}/redundancy_rate"] = m["redundancy_rate"]
             print(f"step {step} {name}: accuracy {m['accuracy']:.3f} [{m['accuracy_ci'][0]:.3f}, "
                   f"{m['accuracy_ci'][1]:.3f}], {m['tokens']['mean']:.0f} tokens", flush=True)
         meta = {"model": f"{self.cfg.model.path}@step-{step}", "system_prompt": self.cfg.data.system_prompt,

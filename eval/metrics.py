@@ -12,6 +12,9 @@ from typing import Iterable
 
 import numpy as np
 
+from eval.budget import accuracy_at_budget
+from eval.redundancy import markdown as redundancy_markdown
+from eval.redundancy import redundancy_metrics
 from eval.stats import bootstrap_ci, pass_at_k
 
 
@@ -62,9 +65,12 @@ def _token_stats(tokens: list[int]) -> dict:
     return {"mean": float(np.mean(tokens)), "median": float(np.median(tokens)), "n": len(tokens)}
 
 
-def benchmark_metrics(records: list[dict], *, confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> dict:
+def benchmark_metrics(records: list[dict], *, confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0,
+                      budget: int | None = None) -> dict:
     """accuracy (avg@n) with a bootstrap interval over problems, unbiased pass@k, maj@k, token statistics overall /
-    correct / incorrect, truncation rate and ACT (accuracy in % per 100 response tokens, the FGO paper's metric)."""
+    correct / incorrect, truncation rate, ACT (accuracy in % per 100 response tokens, the FGO paper's metric),
+    `accuracy_at_budget` (eval.budget; `budget`: the eval's max_new_tokens, default the longest response) and, on
+    testbed problems, the redundancy metrics of eval.redundancy."""
     problems = group_by_problem(records)
     if not problems:
         raise ValueError("benchmark_metrics: no records")
@@ -95,6 +101,8 @@ def benchmark_metrics(records: list[dict], *, confidence: float = 0.95, n_boot: 
         "truncation_rate": sum(r["finish_reason"] == "length" for r in flat) / len(flat),
         "no_answer_rate": sum(r.get("extracted") is None for r in flat) / len(flat),
         "act": 100.0 * accuracy / (mean_tokens / 100.0) if mean_tokens > 0 else None,
+        "accuracy_at_budget": accuracy_at_budget(flat, budget),
+        **redundancy_metrics(flat),  # {} unless the records carry testbed step counts
     }
 
 
@@ -122,4 +130,4 @@ def markdown_table(results: dict[str, dict]) -> str:
             f"{_fmt(m['tokens']['mean'], '.0f')} / {_fmt(m['tokens']['median'], '.0f')} | "
             f"{_fmt(m['tokens_correct']['mean'], '.0f')} / {_fmt(m['tokens_incorrect']['mean'], '.0f')} | "
             f"{100 * m['truncation_rate']:.1f} | {_fmt(m['act'], '.2f')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + redundancy_markdown(results)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from eval.benchmarks import data_dir_from, load_benchmark, slug
 from eval.metrics import benchmark_metrics, markdown_table
+from eval.redundancy import record_fields
 from rewards.isolation import IsolatedRewards, cap_log_messages
 from rewards.math import last_boxed
 from rl.config import Config, ConfigError, RewardConfig, RewardFunction, load_config
@@ -154,7 +155,8 @@ def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], pa
         row = rows[i // k]
         records.append({"benchmark": benchmark, "problem_id": row["id"], "sample": i % k, "answer": row["answer"],
                         "completion": text, "tokens": tokens, "finish_reason": batch.finish_reason[i],
-                        "extracted": last_boxed(text), "correct": bool(scored.correct[i]), "score": float(scores[i])})
+                        "extracted": last_boxed(text), "correct": bool(scored.correct[i]), "score": float(scores[i]),
+                        **record_fields(row, text)})  # testbed rows: redundant / necessary step counts
     failures = {"verifier_failures": result.failures.get(VERIFIER, 0),
                 "verifier_timeouts": result.timeouts.get(VERIFIER, 0)}
     if result.errors:
@@ -272,7 +274,7 @@ def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalS
     metrics = {}
     for name, (rows, stats) in loaded.items():
         records = [rec for r in rows for rec in done[name][r["id"]]]
-        metrics[name] = dict(benchmark_metrics(records, seed=settings.seed),
+        metrics[name] = dict(benchmark_metrics(records, seed=settings.seed, budget=settings.max_new_tokens),
                              skipped_no_answer=stats.get("skipped_no_answer", 0), **failures[name])
     table = write_metrics(out, metrics, {"model": model, "settings": dataclasses.asdict(settings)})
     print(table, end="", flush=True)
@@ -342,7 +344,8 @@ def rescore(out: str | Path, timeout: float | None = 30.0) -> dict:
             for r, s, text in zip(records, result.scores[VERIFIER], texts):
                 r.update(score=float(s), correct=bool(s > 0.5), extracted=last_boxed(text))
             write_samples(path, records)
-            metrics[name] = dict(benchmark_metrics(records, seed=meta.get("seed", 0)),
+            metrics[name] = dict(benchmark_metrics(records, seed=meta.get("seed", 0),
+                                                   budget=meta.get("max_new_tokens")),
                                  verifier_failures=result.failures[VERIFIER], verifier_timeouts=result.timeouts[VERIFIER])
     print(write_metrics(out, metrics, {"model": meta.get("model"), "rescored": True}), end="", flush=True)
     return metrics

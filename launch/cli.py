@@ -11,6 +11,7 @@ from pathlib import Path
 from launch.eval_cli import add_eval_commands
 from launch.preference_cli import add_preference_commands
 from launch.submit import add_commands as add_job_commands
+from launch.testbed_cli import add_testbed_command
 from rl import checkpoint
 from rl.config import ConfigError
 from rl.data import DataError
@@ -24,16 +25,24 @@ def _train(args) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
+        if args.preset:
+            raise ConfigError("--preset applies to a fresh run; a resumed run's config.yaml already holds its preset")
         if args.config and Path(args.config).is_file():
             raise ConfigError("give either a config or --resume RUN_DIR (the run's config.yaml is reused)")
         overrides = ([args.config] if args.config else []) + args.overrides  # a lone override lands in `config`
         # The folder given is the run, wherever it was moved or whatever the working directory is now.
         overrides.append(f"trainer.output_dir={run_dir.resolve()}")
-        cfg = load_training_config(run_dir / "config.yaml", overrides, name=run_dir.name)
+        cfg = load_training_config(run_dir / "config.yaml", overrides, name=run_dir.name,
+                                   check_environment=not args.dry_run)
     else:
         if not args.config:
             raise ConfigError("reasonrl train needs a config file (e.g. configs/demo.yaml) or --resume RUN_DIR")
-        cfg = load_training_config(args.config, args.overrides)
+        cfg = load_training_config(args.config, args.overrides, check_environment=not args.dry_run,
+                                   presets=args.preset or [])
+    if args.dry_run:  # what this machine lacks (vllm, GPUs) becomes warnings there, not errors
+        from launch.dry_run import dry_run
+
+        return dry_run(cfg, resume=bool(args.resume))
     # Ray (and, through rl.trainer, torch): only once the config is known to be valid.
     import ray.exceptions
 
@@ -102,9 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=30")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    train.add_argument("--preset", action="append", metavar="NAME", help="merge configs/presets/NAME.yaml (or a "
+                       "YAML file) under the config, e.g. --preset gpu: bf16, vLLM, one shared GPU")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and the placement plan "
+                       "(roles, actors, resources) and exit: nothing starts, nothing is downloaded")
     add_preference_commands(sub)  # pref-eval / pref-build (TODO, DPO)
     add_eval_commands(sub)  # eval / compare (chain-of-thought compression)
     add_job_commands(sub)  # submit / status / logs / stop (Ray Jobs API)
+    add_testbed_command(sub)  # testbed (verbose-reasoner SFT/RL data with countable redundant steps)
     experiment = sub.add_parser("experiment", help="train several configs from the same start and compare them "
                                 "(accuracy with CIs, tokens, zero-advantage groups, entropy)")
     experiment.add_argument("configs", nargs="+", help="YAML configs differing only in algorithm/reward/logging")
@@ -112,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override applied to every config, e.g. --set trainer.max_steps=10")
     experiment.set_defaults(handler=_experiment)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra  # `train CONFIG --dry-run a.b=c`: argparse leaves overrides after a flag unparsed
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=os.environ.get("REASONRL_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     try:
         return args.handler(args) if hasattr(args, "handler") else _train(args)

@@ -16,10 +16,13 @@ from rewards.isolation import cap_log_messages
 from rl.config import Config, load_config
 
 
-def load_training_config(path: str | Path | None, overrides: list[str] = (), *, name: str | None = None) -> Config:
+def load_training_config(path: str | Path | None, overrides: list[str] = (), *, name: str | None = None,
+                         check_environment: bool = True, presets: list[str] = ()) -> Config:
     """rl.config.load_config plus the checks only the layers above rl can make (benchmark names). Every launch
-    path that trains loads its config through here, so a typo fails in one line before anything starts."""
-    return check_eval_benchmarks(load_config(path, list(overrides), name=name))
+    path that trains loads its config through here, so a typo fails in one line before anything starts.
+    check_environment=False: for `train --dry-run`, which reports what this machine lacks as warnings."""
+    return check_eval_benchmarks(load_config(path, list(overrides), name=name, check_environment=check_environment,
+                                             presets=list(presets)))
 
 
 def build_hooks(cfg: Config) -> list:

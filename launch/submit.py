@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from rl.config import ConfigError, dump_config
+from rl.ray_auth import apply_auth_mode, resolve_auth_mode
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "reasonrl_job_files"  # the name launch/job.py looks for (it cannot import this module before its check)
@@ -42,7 +43,7 @@ def cache_dir() -> Path:
 
 def client(address: str | None, auth_mode: str | None = None):
     # Explicit auth mode: a token file left in ~/.ray must not decide whether the client sends a token.
-    os.environ["RAY_AUTH_MODE"] = auth_mode or os.environ.get("RAY_AUTH_MODE", "disabled")
+    apply_auth_mode(auth_mode or os.environ.get("RAY_AUTH_MODE", "disabled"))
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
@@ -131,7 +132,7 @@ def _build_job(stage_root: Path, config: str | None, overrides: list[str], resum
         args = [name]
     entrypoint = " ".join([python, "-m", "launch.job", *(shlex.quote(a) for a in args)])
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "py_modules": [str(stage)],
-                   "env_vars": _job_env(raw.get("ray", {}).get("auth_mode", "disabled"))}
+                   "env_vars": _job_env(resolve_auth_mode(raw.get("ray", {}).get("auth_mode"), local=False))}
     return {"entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": {"run_dir": str(run_dir)},
             "stage": stage_root, "run_dir": run_dir}
 

@@ -143,3 +143,4 @@ def check_spec(spec: str) -> str:
 # Imported last: rewards.math uses register() defined above. Importing it fills REGISTRY with the built-ins.
 from . import math as _builtin_math  # noqa: E402,F401
 from . import length as _builtin_length  # noqa: E402,F401  (length-control baselines)
+from . import testbed as _builtin_testbed  # noqa: E402,F401  (testbed_redundancy, a metric)

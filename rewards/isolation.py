@@ -17,6 +17,7 @@ import logging
 import math
 import multiprocessing as mp
 import numbers
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ class CapMessages(logging.Filter):
     Reward functions see model output, and libraries log it: math-verify's parse timeout logs the whole
     unparseable answer (100,000 characters of an adversarial completion), which Ray forwards line for line to the
     run's console. Attached to a logger it covers the records logged through that logger (not its children); to a
-    handler, every record the handler writes.
+    handler, every record the handler writes. A record logged with `extra={"uncapped": True}` passes whole.
     """
 
     def __init__(self, limit: int = MAX_LOG_CHARS):
@@ -40,6 +41,8 @@ class CapMessages(logging.Filter):
         self.limit = limit
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "uncapped", False):  # the framework's own diagnostics (a watchdog stack dump), whole
+            return True
         try:
             msg = record.getMessage()
         except Exception:  # a malformed record is logging's to report, not ours
@@ -121,10 +124,23 @@ def _die_with_parent() -> None:
         pass  # not Linux: EOF on the pipe still ends an idle child
 
 
+def _stack_dump_on_sigusr1() -> None:
+    """The watchdog's fallback stack dump (rl.watchdog, when py-spy cannot attach): its worker exports where
+    faulthandler writes; a hanging reward's frame is in this process, not in the worker waiting for it."""
+    pattern = os.environ.get("REASONRL_STACK_FILE")
+    if pattern:
+        import faulthandler
+        import signal
+
+        fh = open(pattern.format(pid=os.getpid()), "w")  # open for the process's life: faulthandler writes to it
+        faulthandler.register(signal.SIGUSR1, file=fh, all_threads=True)
+
+
 def _child_main(conn, specs) -> None:
     from rewards import resolve
 
     _die_with_parent()
+    _stack_dump_on_sigusr1()
     try:
         fns = [(resolve(s), kw) for s, kw in specs]
     except Exception as e:

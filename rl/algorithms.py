@@ -7,7 +7,10 @@
   no second [B, T, V] tensor is allocated next to the logits.
 - `k3_kl`: the low-variance k3 KL estimator used by GRPO.
 - `policy_loss`: PPO-style clipped surrogate with asymmetric clipping (DAPO clip-higher) and the three
-  loss aggregations (docs/algorithms.md, "Loss aggregation").
+  loss aggregations (docs/algorithms.md, "Loss aggregation"); `tis_weights` (truncated importance correction for
+  a rollout engine whose numerics differ) and `logprob_mismatch` (the training-inference mismatch monitor).
+- `truncate_logits`: the top-k / top-p set a truncating sampler draws from, applied to the learner's logits too.
+- `sft_loss`: supervised NLL of the trained tokens (SFT cold start), token-mean over the whole batch.
 
 Every aggregation divides by counts of the WHOLE optimizer batch (passed in by the caller), never by
 counts of the micro-batch at hand. That makes the loss, and its gradient, additive: the sum over
@@ -140,32 +143,63 @@ def _scaled_row(logits_row: Tensor, temperature: float) -> Tensor:
     return row / temperature if temperature != 1.0 else row
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / temperature) at `tokens`: [B, T, V], [B, T] -> [B, T] (float32).
+def truncate_logits(z: Tensor, top_k: int = 0, top_p: float = 1.0, keep: Tensor | None = None) -> Tensor:
+    """Temperature-scaled logits [..., V] with every token outside the top-k, then top-p, set at -inf: the set
+    transformers' TopKLogitsWarper and TopPLogitsWarper keep (same ties, at least one token), so softmax of the
+    result is the distribution a truncating sampler draws from, which the continuous-batching and vLLM backends
+    report log-probs of. top_k 0 / top_p 1 return `z` unchanged (no cost when sampling is not truncated).
 
-    log p(x) = z_x - logsumexp(z): only the selected logit and one logsumexp per position are needed,
-    so the full log-softmax tensor is never materialised.
+    `keep` [...] (token ids): never masked. Passing the sampled tokens means a learner whose weights moved since
+    the rollout (several iterations, a stale batch) gives a sampled token a small probability instead of -inf;
+    at the rollout's own weights the sampled token is always in the set, so nothing changes there.
+    """
+    if top_k <= 0 and top_p >= 1.0:
+        return z
+    remove = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+    with torch.no_grad():  # which tokens survive is a selection, not a function to differentiate
+        if top_k > 0:
+            kth = torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values[..., -1:]
+            remove = z < kth
+        if top_p < 1.0:
+            ordered, order = torch.sort(z.masked_fill(remove, float("-inf")), dim=-1)  # ascending, as transformers
+            drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+            drop[..., -1:] = False  # min_tokens_to_keep = 1
+            remove = remove | drop.scatter(-1, order, drop)
+        if keep is not None:
+            remove = remove.scatter(-1, keep.long().unsqueeze(-1), False)
+    return z.masked_fill(remove, float("-inf"))
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> Tensor:
+    """log softmax(truncate(logits / temperature)) at `tokens`: [B, T, V], [B, T] -> [B, T] (float32).
+
+    top_k / top_p: the sampler's truncation (truncate_logits), so the log-probs describe the distribution that
+    was sampled, as every rollout backend reports it. log p(x) = z_x - logsumexp(z): only the selected logit and
+    one logsumexp per position are needed, so the full log-softmax tensor is never materialised.
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not match")
     rows = []
     for b in range(logits.shape[0]):
-        z = _scaled_row(logits[b], temperature)
+        z = truncate_logits(_scaled_row(logits[b], temperature), top_k, top_p, keep=tokens[b])
         picked = z.gather(-1, tokens[b].long().unsqueeze(-1)).squeeze(-1)
         rows.append(picked - torch.logsumexp(z, dim=-1))
     return torch.stack(rows)
 
 
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Full-vocabulary entropy of softmax(logits / temperature): [B, T, V] -> [B, T] (float32).
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Entropy of softmax(truncate(logits / temperature)): [B, T, V] -> [B, T] (float32); without truncation the
+    full-vocabulary entropy.
 
-    H = -sum p log p = logsumexp(z) - sum p z, computed row by row.
+    H = -sum p log p = logsumexp(z) - sum p z, computed row by row (masked tokens: p = 0, no 0 * -inf).
     """
     rows = []
     for b in range(logits.shape[0]):
-        z = _scaled_row(logits[b], temperature)
+        z = truncate_logits(_scaled_row(logits[b], temperature), top_k, top_p)
         p = torch.softmax(z, dim=-1)
-        rows.append(torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1))
+        pz = torch.where(p > 0, p * z, torch.zeros_like(z))
+        rows.append(torch.logsumexp(z, dim=-1) - pz.sum(dim=-1))
     return torch.stack(rows)
 
 
@@ -194,11 +228,16 @@ def policy_loss(
     max_len: int | None = None,
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
+    token_weights: Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate loss of one micro-batch, normalised by batch-global counts.
 
-    Per token: l = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) + kl_coef * k3, rho = pi / pi_old.
-    logprobs / old_logprobs / mask / ref_logprobs: [B, T]; advantages: [B] (one per sequence).
+    Per token: l = -w min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) + kl_coef * k3, rho = pi / pi_old,
+    or rho = GSPO's sequence ratio (importance_sampling_level `sequence` / `sequence_token`, see
+    importance_log_weights),
+    w = token_weights (detached; e.g. tis_weights, the truncated importance correction; None: 1).
+    logprobs / old_logprobs / mask / ref_logprobs / token_weights: [B, T]; advantages: [B] (one per sequence).
     num_tokens / num_seqs / max_len describe the whole optimizer batch (see module docstring).
     Returns (loss, stats); stats are detached SUMS over this micro-batch's masked tokens.
     """
@@ -218,6 +257,8 @@ def policy_loss(
     # Zero the log-ratio on padding before exp(): padded positions may hold arbitrary values and an
     # inf there would turn into NaN (inf * 0) in the masked sums and in the backward pass.
     log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    if importance_sampling_level != "token":
+        log_ratio = importance_log_weights(log_ratio, logprobs, m, importance_sampling_level)
     ratio = torch.exp(log_ratio)  # value 1 when on-policy, but d ratio / d logprobs = ratio still flows
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -226,6 +267,8 @@ def policy_loss(
     # unclipped branch so that its gradient is passed through in full.
     is_clipped = clipped > unclipped
     per_token = torch.where(is_clipped, clipped, unclipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
 
     if ref_logprobs is not None:
         kl = torch.where(valid, k3_kl(logprobs, ref_logprobs.detach()), torch.zeros_like(logprobs))
@@ -253,6 +296,50 @@ def policy_loss(
             "tokens": m.sum(),
         }
     return loss, stats
+
+
+def importance_log_weights(log_ratio: Tensor, logprobs: Tensor, mask: Tensor, level: str) -> Tensor:
+    """log of the PPO ratio per token, [B, T], for GSPO (Zheng et al. 2025, arXiv:2507.18071; TRL's
+    `importance_sampling_level`). log_ratio: log pi - log pi_old, 0 on padding; mask: float [B, T].
+
+    `sequence`: log s_i = mean over the response of log_ratio, the same value on every token of it (the
+    length-normalised sequence likelihood ratio, so long and short responses share one clip range).
+    `sequence_token` (GSPO-token): sg[log s_i] + log pi_t - sg[log pi_t]: the value is s_i, the gradient per token
+    s_i * grad log pi_t, which leaves room for token-level advantages; with one advantage per response it equals
+    GSPO.
+    """
+    if level == "token":
+        return log_ratio
+    if level not in ("sequence", "sequence_token"):
+        raise ValueError(f"unknown importance_sampling_level {level!r}; known: token, sequence, sequence_token")
+    seq = (log_ratio * mask).sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    if level == "sequence":
+        return seq.expand_as(log_ratio)
+    # Zero on padding, where logprobs may be -inf (inf - inf would be NaN, and NaN survives a masked backward).
+    return seq.detach() + torch.where(mask.bool(), logprobs - logprobs.detach(), torch.zeros_like(logprobs))
+
+
+def tis_weights(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (OpenRLHF's `tis`, verl's token-level rollout correction): per token
+    min(pi_learner / pi_rollout, cap), detached, 0 on padding. When the rollout engine's numerics differ from the
+    learner's (vLLM's kernels, bf16), the tokens were drawn from pi_rollout while the gradient is pi_learner's;
+    the weight corrects for that, and the cap bounds the variance a token the engine under-rates would add."""
+    with torch.no_grad():
+        valid = mask.bool()
+        log_w = torch.where(valid, learner_logprobs - rollout_logprobs, torch.zeros_like(learner_logprobs))
+        w = torch.exp(log_w.clamp(max=_LOG_RATIO_CLAMP)).clamp(max=cap)
+        return torch.where(valid, w, torch.zeros_like(w))
+
+
+def logprob_mismatch(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Training-inference mismatch of one micro-batch: |log pi_rollout - log pi_learner| over its response tokens,
+    as detached `sum`, `max` and `tokens` (summed / maxed over micro-batches and ranks by the caller)."""
+    with torch.no_grad():
+        valid = mask.bool()
+        diff = torch.where(valid, (learner_logprobs.float() - rollout_logprobs.float()).abs(),
+                           torch.zeros_like(learner_logprobs, dtype=torch.float32))
+        return {"sum": diff.sum(), "max": diff.max() if diff.numel() else diff.new_zeros(()),
+                "tokens": valid.sum().float()}
 
 
 # ------------------------------------------------------------------------- preferences: TODO and DPO
@@ -339,3 +426,21 @@ def preference_correct(mu: Tensor, tie: Tensor, alpha: float = 0.5) -> dict[str,
     win_right = (p_win > p_lose) & (p_win > p_tie)
     tie_right = (p_tie > p_win) & (p_tie > p_lose)
     return {"tobt": torch.where(tie, tie_right, win_right), "sign": mu > 0}
+
+
+# ------------------------------------------------------------------------------------ supervised fine-tuning
+def sft_loss(logprobs: Tensor, mask: Tensor, num_tokens: int | float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Negative log-likelihood of the trained tokens, summed and divided by the trained-token count of the WHOLE
+    optimizer batch (`num_tokens`, from the caller): the token-mean of policy_loss, so micro-batches and ranks add up
+    to the batch mean whatever the split (docs/algorithms.md, "SFT").
+
+    logprobs / mask: [B, T]; mask is the per-token loss mask (0 on prompt, context and padding; it may carry an
+    example weight). Returns (loss, stats) with detached SUMS over this micro-batch: `nll_sum`, `tokens`.
+    """
+    m = mask.to(logprobs.dtype)
+    # torch.where, not a product: padded positions may hold -inf, and -inf * 0 would be NaN.
+    nll = torch.where(m != 0, -logprobs * m, torch.zeros_like(logprobs))
+    loss = nll.sum() / _at_least_one(num_tokens)
+    with torch.no_grad():
+        stats = {"nll_sum": nll.sum().detach(), "tokens": m.sum()}
+    return loss, stats

@@ -120,17 +120,23 @@ def pad_values(values: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs [B, R] of the response tokens under `model` (gradients flow if enabled); mask with response_mask."""
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs [B, R] of the response tokens under `model` (gradients flow if enabled); mask with response_mask.
+
+    top_k / top_p: the rollout's truncation, applied to these logits as the sampler applied it (rl.algorithms.
+    truncate_logits), so the learner's log-probs describe the distribution that was sampled, as the rollout's do."""
+    truncation = (top_k, top_p)
     if batch.get("shared_prefix"):
-        return token_logprobs(_shared_prefix_logits(model, batch).float(), batch["response_tokens"], temperature)
+        return token_logprobs(_shared_prefix_logits(model, batch).float(), batch["response_tokens"], temperature,
+                              *truncation)
     if batch.get("packed"):
         if not len(batch["logits_index"]):  # every response empty: nothing to score
             return torch.zeros_like(batch["response_mask"])
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
                     logits_to_keep=batch["logits_index"], use_cache=False)
         targets = batch["response_tokens"][batch["rows"], batch["cols"]]
-        flat = token_logprobs(out.logits.float(), targets.unsqueeze(0), temperature).squeeze(0)
+        flat = token_logprobs(out.logits.float(), targets.unsqueeze(0), temperature, *truncation).squeeze(0)
         return torch.zeros_like(batch["response_mask"]).index_put((batch["rows"], batch["cols"]), flat)
     r_len = batch["response_tokens"].shape[1]
     # Only the last r_len+1 positions are needed: skipping the prompt's lm_head saves time and memory
@@ -138,7 +144,7 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=r_len + 1, use_cache=False)
     logits = out.logits[:, :-1].float()  # position p_len-1+t predicts response token t
-    return token_logprobs(logits, batch["response_tokens"], temperature)
+    return token_logprobs(logits, batch["response_tokens"], temperature, *truncation)
 
 
 def split_bounds(n: int, parts: int) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from rl import updates
 from rl.contracts import PreferencePair, RolloutBatch, TrainSequence
 from rl.learner import LearnerRank
 from rl.placement import Placement
+from rl.ray_auth import apply_auth_mode, new_local_token, resolve_auth_mode
 from rl.reward_worker import RewardWorker
 from rl.rollout import RolloutWorker, SamplingParams
 from rl.watchdog import call_all
@@ -27,12 +28,27 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"
                  "TORCH_EXTENSIONS_DIR", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
 
 
+_AUTH_IN_USE: list[str] = []  # the mode this process's Ray connection was made with
+
+
 def init_ray(cfg: Config) -> None:
-    # Explicit, so a token file left in ~/.ray by another cluster cannot flip authentication on us.
-    os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
+        if _AUTH_IN_USE:  # a job client for another cluster (launch.submit) may have switched the mode since
+            apply_auth_mode(_AUTH_IN_USE[-1])
         return
+    address = cfg.ray.address
+    if not address and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        address = "auto"  # the driver of a submitted job (reasonrl submit) joins the cluster that runs it
+    # Explicit, so a token file left in ~/.ray by another cluster cannot flip authentication on us. A cluster we
+    # start gets token authentication: its GCS, raylets, workers and agents listen on every interface (Ray binds
+    # them so; `_node_ip_address="127.0.0.1"` is turned back into the routable address by ray.init), and without a
+    # token anyone who reaches a port may run code in them.
+    auth_mode = resolve_auth_mode(cfg.ray.auth_mode, local=not address)
+    if not address and auth_mode == "token":
+        new_local_token()
+    apply_auth_mode(auth_mode)
+    _AUTH_IN_USE[:] = [auth_mode]
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     # Ray forwards every actor's output to the driver's console, where library progress bars ("Loading weights",
     # "Writing model shards": transformers and the hub read this variable) would break up the run's own bar.
@@ -44,16 +60,13 @@ def init_ray(cfg: Config) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
     env["TOKENIZERS_PARALLELISM"] = "false"
-    env["RAY_AUTH_MODE"] = cfg.ray.auth_mode
+    env["RAY_AUTH_MODE"] = auth_mode  # the mode only; the token is inherited from the raylet, never sent along
     # A job submitted with `reasonrl submit` already has a runtime_env (working_dir, env_vars); ours is merged
     # into it, ours winning on the keys both set (they carry the same values).
     os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     # Every worker registers a faulthandler stack dump on SIGUSR1, used by the watchdog when py-spy cannot attach.
     runtime_env = {"env_vars": env, "worker_process_setup_hook": "rl.watchdog.setup_worker"}
     kwargs = dict(runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
-    address = cfg.ray.address
-    if not address and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        address = "auto"  # the driver of a submitted job (reasonrl submit) joins the cluster that runs it
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -87,16 +100,28 @@ class RolloutGroup:
         device = "cuda" if cfg.rollout.num_gpus > 0 else "cpu"
         if cfg.rollout.backend == "vllm":
             from rl.rollout_vllm import VllmRolloutWorker  # vllm is an optional extra, imported only when chosen
+            from rl.vllm_support import engine_args
 
-            actor, args = ray.remote(VllmRolloutWorker), (model_path, cfg.model.dtype, cfg.rollout.vllm)
+            actor, engine = ray.remote(VllmRolloutWorker), engine_args(cfg)
+            args = [(model_path, cfg.model.dtype, engine, i, cfg.rollout.vllm_sleep) for i in range(n)]
         else:
-            actor, args = ray.remote(RolloutWorker), (model_path, cfg.model.dtype, _threads(n, cfg), device,
-                                                      cfg.rollout.backend)
+            actor = ray.remote(RolloutWorker)
+            args = [(model_path, cfg.model.dtype, _threads(n, cfg), device, cfg.rollout.backend)] * n
         # Ray recreates a dead worker (max_restarts); call_all re-issues its unfinished request after the weights
         # owner gave it the current weights back (it restarts with the initial ones).
         self.workers = [actor.options(**placement.options("rollout", i), max_restarts=cfg.placement.max_restarts,
-                                      max_task_retries=0).remote(*args) for i in range(n)]
+                                      max_task_retries=0).remote(*args[i]) for i in range(n)]
         self.max_restarts, self.watchdog = cfg.placement.max_restarts, cfg.trainer.watchdog_seconds
+        if cfg.rollout.num_gpus > 0:
+            # On a GPU an engine sizes its memory when it starts (vLLM: gpu_memory_utilization of the device, KV
+            # cache included, checked against what is free then). The learner, started next (rl.trainer), must find
+            # that memory taken instead of racing the engines for it, so the group returns once every worker is up.
+            startup = None if self.watchdog is None else max(self.watchdog, 1800.0)
+            try:
+                call_all("rollout", "ping", [(w, ()) for w in self.workers], startup)
+            except Exception:
+                shutdown(self)  # the caller never gets a handle to clean up
+                raise
 
     def generate(self, prompts: list[str], params: SamplingParams, seed: int, weights=None) -> RolloutBatch:
         """Prompts are split over workers in contiguous chunks; groups stay whole and in order.
@@ -125,13 +150,19 @@ class RewardGroup:
         self.max_restarts, self.watchdog = cfg.placement.max_restarts, cfg.trainer.watchdog_seconds
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list],
-              group_size: int = 1) -> RewardResult:
+              group_size: int | list[int] = 1) -> RewardResult:
         """Samples are split over workers in whole groups: group-relative rewards (length penalties) see every
-        sample of a prompt."""
+        sample of a prompt. group_size: one size for every group, or the list of the groups' sizes in order
+        (Rollout-GDRO's variable groups), which must add up to the samples."""
         n = len(completions)
-        if n % group_size:
+        if not isinstance(group_size, int):
+            from rl.groups import check_sizes, worker_bounds
+
+            bounds = worker_bounds(check_sizes(group_size, n), len(self.workers))
+        elif n % group_size:
             raise ValueError(f"{n} samples are not whole groups of {group_size}")
-        bounds = [(a * group_size, b * group_size) for a, b in split_bounds(n // group_size, len(self.workers))]
+        else:
+            bounds = [(a * group_size, b * group_size) for a, b in split_bounds(n // group_size, len(self.workers))]
         calls = [(w, (prompts[a:b], completions[a:b], {k: v[a:b] for k, v in columns.items()}))
                  for w, (a, b) in zip(self.workers, bounds) if b > a]
         merged = RewardResult()
@@ -158,10 +189,13 @@ class LearnerGroup:
         actor = ray.remote(LearnerRank)
         self.ranks = [actor.options(**placement.options("learner", r), max_restarts=0).remote(
             r, n, model_path, cfg.learner.model_dump(), cfg.algorithm.model_dump(), cfg.model.dtype,
-            cfg.rollout.temperature, cfg.trainer.seed, _threads(n, cfg)) for r in range(n)]
+            cfg.rollout.temperature, cfg.trainer.seed, _threads(n, cfg), cfg.rollout.top_k, cfg.rollout.top_p)
+            for r in range(n)]
         self.watchdog = cfg.trainer.watchdog_seconds
         try:
-            addr, port = ray.get(self.ranks[0].address.remote())
+            # All ranks on one node: their group's rendezvous listens on loopback only.
+            nodes = {r["node"] for r in ray.get([rank.ping.remote() for rank in self.ranks])}
+            addr, port = ray.get(self.ranks[0].address.remote(loopback=len(nodes) == 1))
             # Start-up may JIT-build DeepSpeed ops and load the model: it gets at least DeepSpeed's own 30 min.
             startup = None if self.watchdog is None else max(self.watchdog, 1800.0)
             call_all("learner", "setup", [(r, (addr, port)) for r in self.ranks], startup)

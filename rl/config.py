@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -42,9 +42,27 @@ class ArithConfig(Section):
     seed: int = Field(0, description="Generator seed: the same seed always yields the same problems.")
 
 
+class GdroSamplerConfig(Section):
+    """Prompt-GDRO (docs/algorithms.md, "GDRO"): running per-prompt pass rates sort prompts into difficulty bins,
+    and a multiplicative-weights bandit over the bins decides where each drawn prompt comes from."""
+    bins: int = Field(5, ge=1, description="Equal-width pass-rate bins over [0, 1] (plus one arm for prompts "
+                      "never rolled out); also the bins of the `gdro/bin_*` histogram metrics.")
+    pass_rate_beta: float = Field(0.5, ge=0, lt=1, description="EMA factor of each prompt's running pass rate "
+                                  "(bias-corrected like Adam's moments, so one observation is taken as it is); "
+                                  "used by data.sampler gdro and rollout.allocation gdro alike.")
+    eta: float = Field(1.0, ge=0, description="Bandit step size: log w_bin += eta * gain_bin every step, the gain "
+                       "being the bin's EMA-debiased mean p(1-p) (0: uniform over bins).")
+    exploration: float = Field(0.1, ge=0, le=1, description="Share of each draw spread uniformly over the bins "
+                               "that hold prompts (keeps every bin's estimate alive).")
+    score_beta: float = Field(0.9, ge=0, lt=1, description="EMA factor of each bin's gain (bias-corrected).")
+
+
 class DataConfig(Section):
     train: str = Field("arith", description="`arith`, a .jsonl/.json/.parquet file, or a `datasets` hub name.")
     train_split: str = Field("train", description="Split used when `train` is a hub dataset.")
+    train_limit: Optional[int] = Field(None, ge=1, description="Train on the first N rows only (file / dataset order, "
+                                       "after rows without a problem or answer are skipped, before the prompt-length "
+                                       "filter); null: all. FGO's recipe uses the first 3,200 MATH problems.")
     eval: Optional[str] = Field(None, description="Held-out prompts; default: arith's test split for `arith`, else none.")
     eval_split: str = Field("test", description="Split used when `eval` is a hub dataset.")
     eval_size: int = Field(64, ge=0, description="How many held-out problems the start/end evaluation uses (0: skip).")
@@ -57,7 +75,23 @@ class DataConfig(Section):
     prompt_suffix: str = Field("", description="Text appended to each problem in the user message.")
     max_prompt_tokens: int = Field(512, ge=8, description="Prompts longer than this are skipped and counted.")
     shuffle: bool = Field(True, description="Reshuffle the training set every epoch (seeded by trainer.seed).")
+    sampler: Literal["uniform", "gdro"] = Field(
+        "uniform", description="Which prompts a step draws. `uniform`: every prompt once per epoch, in a seeded "
+        "order (`shuffle`). `gdro`: Prompt-GDRO, prompts drawn by a bandit over pass-rate bins towards the learning "
+        "frontier (see `gdro`; grpo/fgo with trainer.max_staleness 0).")
+    gdro: GdroSamplerConfig = Field(default_factory=GdroSamplerConfig)
     arith: ArithConfig = Field(default_factory=ArithConfig)
+
+
+class GdroAllocationConfig(Section):
+    """Rollout-GDRO (docs/algorithms.md, "GDRO"): group sizes moved across a step's prompts by their running pass
+    rates (data.gdro.pass_rate_beta), the step's prompts_per_step x group_size samples kept exactly."""
+    min_group_size: int = Field(2, ge=2, description="Fewest samples of a prompt (2: a group needs a baseline).")
+    max_group_size: Optional[int] = Field(None, ge=2, description="Most samples of a prompt (null: 2 x "
+                                          "rollout.group_size).")
+    pass_rate_floor: float = Field(0.05, ge=0, lt=0.5, description="Pass rates are clipped to [floor, 1 - floor] "
+                                   "before the square-root rule: a prompt never (or always) solved in a few samples "
+                                   "keeps some weight. Unseen prompts count as 0.5.")
 
 
 class RolloutConfig(Section):
@@ -65,11 +99,17 @@ class RolloutConfig(Section):
     num_gpus: float = Field(0, ge=0, description="GPUs per rollout worker (0: CPU).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per training step.")
     group_size: int = Field(4, ge=1, description="Samples per prompt (G).")
+    allocation: Literal["fixed", "gdro"] = Field(
+        "fixed", description="Samples per prompt: `fixed` (group_size each) or `gdro` (Rollout-GDRO: n_i ~ "
+        "sqrt(p_i (1 - p_i)) of the prompt's running pass rate, integers summing exactly to prompts_per_step x "
+        "group_size; see `gdro`; grpo/fgo with trainer.max_staleness 0).")
+    gdro: GdroAllocationConfig = Field(default_factory=GdroAllocationConfig)
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are taken at this temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1.0: off). Log-probs always describe "
-                         "the full distribution, so truncation makes updates slightly off-policy.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off; same caveat as top_p).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1.0: off). Every backend's log-probs and "
+                         "the learner's describe the truncated distribution that was sampled (the learner applies "
+                         "the same top-k / top-p mask to its logits), so truncation keeps updates on-policy.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off; log-probs as for top_p).")
     generate_batch_size: int = Field(64, ge=1, description="Sequences per `generate` call inside a worker.")
     shared_prefix: bool = Field(True, description="transformers backend: prefill each distinct prompt once and share "
                                 "its KV cache among its group_size samples (same samples and log-probs, tested).")
@@ -85,7 +125,13 @@ class RolloutConfig(Section):
         "log-probs from the sampler, no entropies). `vllm`: a vLLM engine per worker (GPU, extra `reasonrl[vllm]`; "
         "log-probs of the sampled tokens after temperature, no entropies), weights loaded in place from the learner.")
     vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments for backend vllm "
-                                 "(e.g. gpu_memory_utilization, max_model_len, enforce_eager).")
+                                 "(e.g. max_model_len, enforce_eager, tensor_parallel_size = rollout.num_gpus). "
+                                 "gpu_memory_utilization is a fraction of the whole device; default 0.9 x the "
+                                 "worker's share (rollout.num_gpus below 1), so a colocated learner keeps the rest. "
+                                 "logprobs_mode, worker_extension_cls and enable_sleep_mode are set by reasonrl.")
+    vllm_sleep: bool = Field(False, description="Backend vllm: after each generation the engine sleeps (vLLM sleep "
+                             "mode level 1: KV cache freed, weights offloaded to CPU) and wakes for the next weight "
+                             "load or generation, so a learner sharing the GPU has that memory while it trains.")
 
 
 def _checked_spec(spec: str) -> str:
@@ -178,10 +224,25 @@ class TodoConfig(Section):
     incorrect_ties: bool = Field(True, description="Online: also tie two incorrect responses of similar length.")
 
 
+class SftConfig(Section):
+    """Supervised fine-tuning, the cold start before RL (docs/algorithms.md, "SFT"): `data.train` (and `data.eval`
+    for the held-out loss) in TRL's prompt-completion (`prompt`, `completion`) or conversational (`messages`) format.
+    Used when algorithm.name is `sft`."""
+    examples_per_step: int = Field(16, ge=1, description="Examples per optimizer step (the data order is seeded "
+                                   "and resumable, like prompts); the loss is the token mean over all of them.")
+    max_completion_tokens: int = Field(0, ge=0, description="Rows whose completion (everything after the prompt) "
+                                       "has more tokens than this are skipped and counted (0: no limit); prompts "
+                                       "are bounded by data.max_prompt_tokens.")
+    eval_size: int = Field(256, ge=0, description="Held-out examples of `data.eval` used for `eval_loss` (0: all).")
+    eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at start and end); "
+                            "logged as `eval_loss` in the step's metrics row.")
+
+
 class AlgorithmConfig(Section):
-    name: Literal["grpo", "fgo", "todo", "dpo"] = Field(
+    name: Literal["grpo", "fgo", "todo", "dpo", "sft"] = Field(
         "grpo", description="Learner algorithm: `grpo` (group-normalised rewards), `fgo` (fine-grained group "
-        "optimization, see `fgo`), `todo` (ternary-preference DPO, see `todo`) or `dpo` (plain DPO, same path).")
+        "optimization, see `fgo`), `todo` (ternary-preference DPO, see `todo`), `dpo` (plain DPO, same path) or "
+        "`sft` (supervised fine-tuning on `data.train`, see `sft`).")
     scale_by_std: Optional[bool] = Field(
         None, description="Divide group advantages by the group std. Default (null): true for grpo, false for fgo "
         "(the FGO poster's Dr.GRPO form; true is the released FGO code's form). false with grpo is Dr.GRPO.")
@@ -189,18 +250,59 @@ class AlgorithmConfig(Section):
                            "correct/incorrect split is the score of `reward.accuracy` (> 0.5 = correct).")
     todo: TodoConfig = Field(default_factory=TodoConfig, description="TODO/DPO parameters and preference data "
                              "(used when name is todo or dpo); the policy's frozen reference is the start model.")
-    clip_low: float = Field(0.2, ge=0, description="PPO ratio lower clip: 1 - clip_low.")
-    clip_high: float = Field(0.28, ge=0, description="PPO ratio upper clip: 1 + clip_high (clip-higher, DAPO).")
+    sft: SftConfig = Field(default_factory=SftConfig, description="SFT parameters (used when name is sft).")
+    clip_low: Optional[float] = Field(None, ge=0, description="PPO ratio lower clip: 1 - clip_low. Default (null): "
+                                      "0.2 at importance_sampling_level token, 3e-4 at sequence / sequence_token.")
+    clip_high: Optional[float] = Field(None, ge=0, description="PPO ratio upper clip: 1 + clip_high (clip-higher, "
+                                       "DAPO). Default (null): 0.28 at importance_sampling_level token, 4e-4 at "
+                                       "sequence / sequence_token.")
+    importance_sampling_level: Literal["token", "sequence", "sequence_token"] = Field(
+        "token", description="The PPO ratio (names as TRL's GRPOConfig; docs/algorithms.md, \"GSPO\"). `token`: "
+        "pi/pi_old per token (GRPO). `sequence`: GSPO's s_i = exp(mean_t log(pi/pi_old)), one length-normalised "
+        "ratio per response, clipped as a whole (GSPO's paper pairs it with seq-mean-token-mean and clip 3e-4 / "
+        "4e-4, the defaults here). `sequence_token`: GSPO-token, sg[s_i] * pi_t / sg[pi_t] (value s_i, per-token "
+        "gradient). All three equal GRPO on-policy (ratio 1).")
+    overlong_filter: bool = Field(False, description="DAPO's overlong filtering: truncated responses (finish_reason "
+                                  "`length`) get no loss and no share of the loss denominators; they still count "
+                                  "in their group's advantage baseline (TRL: mask_truncated_completions).")
+    dynamic_sampling: bool = Field(False, description="DAPO's dynamic sampling: groups whose total rewards do not "
+                                   "vary (variance <= dynamic_sampling_min_variance) are dropped and more prompts "
+                                   "drawn, until the step holds rollout.prompts_per_step varying groups or "
+                                   "dynamic_sampling_max_extra extra groups were drawn (grpo/fgo, "
+                                   "trainer.max_staleness 0).")
+    dynamic_sampling_max_extra: Optional[int] = Field(
+        None, ge=0, description="Dynamic sampling: most groups drawn beyond rollout.prompts_per_step in one step "
+        "(null: 3 x prompts_per_step). At the cap the step trains on the varying groups it has (none: no update).")
+    dynamic_sampling_min_variance: float = Field(
+        1e-6, ge=0, description="Dynamic sampling: a group varies when the population variance of its samples' "
+        "total rewards exceeds this (a threshold, not equality: float rewards that differ by rounding are constant).")
     kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty to the frozen reference (0: no reference model).")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="How per-token losses are reduced; always over the whole step batch.")
     num_iterations: int = Field(1, ge=1, description="Passes over each rollout batch (>1 needs old log-probs).")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass; the rollout batch is split evenly.")
+    tis_cap: Optional[float] = Field(
+        None, gt=0, description="Truncated importance sampling against the rollout engine (OpenRLHF's `tis`, verl's "
+        "rollout correction; null: off): each token's policy-gradient term is weighted by min(pi_learner / "
+        "pi_rollout, tis_cap), for engines whose numerics differ from the learner's (vLLM, bf16; see the "
+        "logprob_diff_mean metric). Applies where the learner's own log-probs are pi_old (one pass, one mini-batch, "
+        "on-policy); otherwise pi_old is the rollout's log-probs and the PPO ratio already weighs by pi / pi_rollout.")
 
     @model_validator(mode="after")
     def _default_std_scaling(self):
         if self.scale_by_std is None:  # resolved here so the dumped run config says what was used
             object.__setattr__(self, "scale_by_std", self.name != "fgo")
+        return self
+
+    @model_validator(mode="after")
+    def _default_clip_range(self):
+        # GSPO's sequence ratio is a geometric mean, far closer to 1 than token ratios: its paper (v2, section 5.1)
+        # clips at 3e-4 / 4e-4, the values TRL's paper index gives for GSPO; token level keeps 0.2 / DAPO's 0.28.
+        token = self.importance_sampling_level == "token"
+        if self.clip_low is None:
+            object.__setattr__(self, "clip_low", 0.2 if token else 3e-4)
+        if self.clip_high is None:
+            object.__setattr__(self, "clip_high", 0.28 if token else 4e-4)
         return self
 
 
@@ -323,8 +425,12 @@ class WeightSyncConfig(Section):
 class RayConfig(Section):
     address: Optional[str] = Field(None, description="Existing cluster (`auto`, `ray://...`); null starts a local one.")
     num_cpus: Optional[int] = Field(None, description="CPUs of a local cluster (default: all).")
-    auth_mode: Literal["disabled", "token"] = Field(
-        "disabled", description="Exported as RAY_AUTH_MODE so the result never depends on leftovers in ~/.ray.")
+    auth_mode: Optional[Literal["disabled", "token"]] = Field(
+        None, description="Ray authentication, exported as RAY_AUTH_MODE so it never depends on leftovers in "
+        "~/.ray. Default (null): a local cluster uses `token` with a token generated for the run (held in the "
+        "processes' environment, never written or logged); joining (`ray.address`) or submitting to an existing "
+        "cluster uses `disabled`. Name the mode that cluster was started with: `token` reads the cluster's token "
+        "from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, as Ray does.")
 
 
 class Config(Section):
@@ -344,6 +450,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self):
+        if self.algorithm.name == "sft":  # no rollouts to split: every rank gets examples or a zero-weight stand-in
+            return self
         seqs = self.rollout.prompts_per_step * self.rollout.group_size
         per_mini = seqs // self.algorithm.mini_batches
         if seqs % self.algorithm.mini_batches:
@@ -355,14 +463,56 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _adaptive_rollouts_fit(self):
+        """Dynamic sampling, GDRO sampling / allocation and GSPO: settings that cannot work (docs/algorithms.md)."""
+        a, r = self.algorithm, self.rollout
+        if a.dynamic_sampling_max_extra is None:  # resolved here so the dumped run config says what was used
+            object.__setattr__(a, "dynamic_sampling_max_extra", 3 * r.prompts_per_step)
+        adaptive = [key for key, on in (("algorithm.dynamic_sampling", a.dynamic_sampling),
+                                        ("data.sampler", self.data.sampler == "gdro"),
+                                        ("rollout.allocation", r.allocation == "gdro")) if on]
+        policy = a.name in ("grpo", "fgo")
+        for key in adaptive:
+            if not policy:
+                raise ValueError(f"{key}: shapes the rollout groups of grpo/fgo; {a.name} has none")
+            if self.trainer.max_staleness:
+                # The step's draws depend on the previous step's rewards (dropped groups, pass rates), which a
+                # rollout generated one step ahead has not seen yet: exact resume could not hold.
+                raise ValueError(f"{key}: needs on-policy steps (trainer.max_staleness 0): what a step draws "
+                                 "depends on the previous step's rewards")
+        if not policy and (a.overlong_filter or a.importance_sampling_level != "token"):
+            key = "overlong_filter" if a.overlong_filter else "importance_sampling_level"
+            raise ValueError(f"algorithm.{key}: a grpo/fgo policy-gradient setting; {a.name} has no PPO ratio")
+        if r.allocation == "gdro":
+            g = r.gdro
+            hi = g.max_group_size if g.max_group_size is not None else 2 * r.group_size
+            if not g.min_group_size <= r.group_size <= hi:
+                key = "min_group_size" if g.min_group_size > r.group_size else "max_group_size"
+                raise ValueError(f"rollout.gdro.{key}: the mean group size {r.group_size} (rollout.group_size) "
+                                 f"must lie in [min_group_size {g.min_group_size}, max_group_size {hi}]")
+        return self
+
+    @model_validator(mode="after")
     def _default_weight_sync(self):
         if self.weight_sync.mode is None:  # resolved here so the dumped run config says what was used
-            mode = "object_store" if self.rollout.backend == "vllm" else "collective"
+            from rl.gpu_config import nccl_would_share_a_gpu
+
+            shared = nccl_would_share_a_gpu(self) is not None  # NCCL cannot connect two members on one GPU
+            mode = "object_store" if self.rollout.backend == "vllm" or shared else "collective"
             object.__setattr__(self.weight_sync, "mode", mode)
         return self
 
     @model_validator(mode="after")
-    def _fast_paths_fit(self):
+    def _gpus_fit(self):
+        from rl.gpu_config import gpu_problem  # the GPU-path rules live beside the code they protect
+
+        problem = gpu_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _fast_paths_fit(self, info: ValidationInfo):
         if self.trainer.max_staleness and self.algorithm.name not in ("grpo", "fgo"):
             raise ValueError(f"trainer.max_staleness: off-policy rollouts need the PPO importance ratio of grpo/fgo; "
                              f"{self.algorithm.name} has none (use 0)")
@@ -375,16 +525,28 @@ class Config(Section):
             raise ValueError(f"algorithm.fgo.entropy: mean_token_entropy needs full-vocabulary entropies, which only "
                              f"rollout.backend transformers measures (got {backend}); use sampled_token_sum")
         if backend == "vllm":
-            import importlib.util
-
             if self.weight_sync.mode != "object_store":
                 raise ValueError("rollout.backend: vllm loads weights through the object store; set "
                                  "weight_sync.mode: object_store")
             if self.rollout.num_gpus <= 0:
                 raise ValueError("rollout.backend: vllm runs on GPUs; set rollout.num_gpus > 0 (CPU: transformers)")
-            if importlib.util.find_spec("vllm") is None:
-                raise ValueError("rollout.backend: vllm is not installed here: pip install 'reasonrl[vllm]'")
+        # What this machine lacks (not the config's fault): an error for a run, a warning for `train --dry-run`,
+        # which validates a GPU recipe on a machine without the GPU stack (context check_environment=False).
+        if (info.context or {}).get("check_environment", True):
+            for problem in environment_problems(self):
+                raise ValueError(problem)
         return self
+
+
+def environment_problems(cfg: "Config") -> list[str]:
+    """What this machine is missing for `cfg`, worded as config errors ("<dotted key>: <problem>")."""
+    import importlib.util
+
+    problems = []
+    if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        problems.append("rollout.backend: vllm is not installed here: make install TARGET=gpu (the tested set, "
+                        "configs/constraints-gpu.txt), or pip install -c configs/constraints-gpu.txt -e '.[vllm]'")
+    return problems
 
 
 class ConfigError(ValueError):
@@ -452,22 +614,57 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), *, name: str | None = None) -> Config:
-    """Read YAML (optional), apply `a.b=c` overrides, validate. Raises ConfigError naming the key."""
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
+
+
+def preset_path(preset: str) -> Path:
+    """`gpu` -> configs/presets/gpu.yaml; anything with a slash or a .yaml suffix is a file path."""
+    if "/" in preset or preset.endswith((".yaml", ".yml")):
+        return Path(preset)
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(f.stem for f in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"preset {preset!r} does not exist (known: {', '.join(known) or 'none'}; or a file path)")
+    return path
+
+
+def _read_yaml(p: Path, what: str) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    loaded = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections")
+    return loaded
+
+
+def _merge_under(base: dict, top: dict) -> dict:
+    """`top` over `base`, section by section (mappings merge, anything else is replaced)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge_under(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, name: str | None = None,
+                check_environment: bool = True, presets: list[str] = ()) -> Config:
+    """Read YAML (optional), apply `a.b=c` overrides, validate. Raises ConfigError naming the key.
+
+    presets: names under configs/presets/ (e.g. `gpu`) or YAML files, merged UNDER the config in order (the
+    config, then the overrides, win); the run's dumped config.yaml holds the merged result, so a resume needs no
+    preset. check_environment=False leaves out what depends on this machine rather than the config
+    (`environment_problems`, e.g. vllm not installed), for a dry run that reports those as warnings."""
     raw: dict = {}
+    for preset in presets:
+        raw = _merge_under(raw, _read_yaml(preset_path(preset), "preset"))
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
-        raw = loaded
+        raw = _merge_under(raw, _read_yaml(p, "config file"))
         name = name or p.stem
     for text in overrides:
         apply_override(raw, *parse_override(text))
     try:
-        cfg = Config.model_validate(raw)
+        cfg = Config.model_validate(raw, context={"check_environment": check_environment})
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
     if cfg.trainer.output_dir is None:

@@ -10,6 +10,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+class StaleWeightsError(RuntimeError):
+    """Raised by a recreated rollout worker asked to generate before it got the current weights back (handled by
+    rl.watchdog.call_all). Defined here, not in rl.watchdog, so a rollout worker imports without Ray
+    (bench/gpu_check.py runs one on a machine that has no Ray)."""
+
+
 @dataclass
 class RolloutBatch:
     """Samples from one `generate` call, one entry per sample in every list."""
@@ -71,3 +77,22 @@ class PreferencePair:
     index: tuple[int, int] | None = None  # online pairing: the two samples' rows in the rollout batch
     stand_in: bool = False
 
+
+
+@dataclass
+class SftExample:
+    """One supervised example (SFT). `prompt_ids` is the rendered prompt, never trained on; `completion_ids` is
+    everything after it, with a 0/1 `loss_mask` per token: 1 on what the model should learn to write (a completion,
+    or every assistant turn of a conversation, each with its end-of-turn token), 0 on what it only reads (later user
+    turns, the assistant headers of the chat template)."""
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    loss_mask: list[int]
+    id: str = ""
+    weight: float = 1.0  # 0 for the stand-in a rank without examples runs to keep the ZeRO collectives in step
+    stand_in: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Trained tokens: the SFT loss's denominator counts these."""
+        return sum(self.loss_mask)

@@ -8,11 +8,16 @@ from __future__ import annotations
 import copy
 
 import itertools
+import json
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("reasonrl")
 
 
 class DataError(ValueError):
@@ -111,6 +116,83 @@ def _seed(seed: int) -> int:
 # -------------------------------------------------------------------------------------------------- loading
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MAX_BAD_LINES = 20  # line numbers of skipped rows kept in the stats (and events.jsonl): enough to find them
+
+
+def blank(value: Any) -> bool:
+    """A field that is absent for the purpose of a row: None, an empty or whitespace string, an empty list."""
+    return value is None or (isinstance(value, (str, list)) and len(value) == 0) or \
+        (isinstance(value, str) and not value.strip())
+
+
+@dataclass
+class JsonlRecords:
+    """What `read_jsonl` kept: `records[i]` came from file line `lines[i]` (1-based); every record has every
+    column of the file (`columns`, in first-seen order; a key a row lacks is None, as `datasets` reads it)."""
+    records: list[dict]
+    lines: list[int]
+    columns: list[str]
+    stats: dict
+
+
+def read_jsonl(source: str, required: tuple[str, ...] = (), required_if_present: tuple[str, ...] = (),
+               what: str = "rows") -> JsonlRecords:
+    """One JSON object per line, read line by line, so one bad row costs that row and not the file.
+
+    A line that is not valid UTF-8 / JSON, or holds no JSON object, is skipped (`skipped_bad_json`); so is a row
+    whose `required` field (or `required_if_present` field, once any row of the file has that column) is blank
+    (`skipped_no_<field>`, the first blank field counts). Blank lines are ignored. `stats`: `lines` (non-blank
+    lines read), `rows` (kept), those counts and `bad_lines`, the first MAX_BAD_LINES skipped line numbers
+    (1-based). Raises DataError naming the file if it does not exist, a required field is in no row at all, or
+    nothing usable is left (`what` names the unit in that message)."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {source!r} does not exist")
+    parsed: list[tuple[int, dict]] = []
+    bad_json: list[int] = []
+    lines = 0
+    with open(path, "rb") as fh:  # bytes: an invalid UTF-8 sequence spoils its line only
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            lines += 1
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = None
+            if isinstance(record, dict):
+                parsed.append((number, record))
+            else:
+                bad_json.append(number)
+    columns = list(dict.fromkeys(k for _, r in parsed for k in r))
+    for key in required:
+        if parsed and key not in columns:
+            raise DataError(f"data file {source!r} has no column {key!r} in any row; available columns: {columns}")
+    checked = [*required, *(k for k in required_if_present if k in columns)]
+    missing = {k: 0 for k in checked}
+    skipped = list(bad_json)
+    out = JsonlRecords([], [], columns, {})
+    for number, record in parsed:
+        absent = next((k for k in checked if blank(record.get(k))), None)
+        if absent is not None:
+            missing[absent] += 1
+            skipped.append(number)
+            continue
+        out.records.append({k: record.get(k) for k in columns})
+        out.lines.append(number)
+    skipped.sort()
+    out.stats = {"lines": lines, "rows": len(out.records), "skipped_bad_json": len(bad_json),
+                 **{f"skipped_no_{k}": n for k, n in missing.items()}, "bad_lines": skipped[:MAX_BAD_LINES]}
+    if skipped:
+        log.warning("data file %s: skipped %d of %d lines (%d not a JSON object%s); first bad lines: %s", source,
+                    len(skipped), lines, len(bad_json),
+                    "".join(f", {n} without {k!r}" for k, n in missing.items() if n), skipped[:MAX_BAD_LINES])
+    if not out.records:
+        detail = "empty file" if not lines else ", ".join(
+            [f"{lines} lines read", f"{len(bad_json)} not a JSON object"] +
+            [f"{n} without {k!r}" for k, n in missing.items() if n]) + f"; bad lines {skipped[:MAX_BAD_LINES]}"
+        raise DataError(f"data file {source!r} has no usable {what} ({detail})")
+    return out
 
 
 def _load_dataset(source: str, split: str, config: str | None = None):
@@ -160,6 +242,21 @@ def load_rows(source: str, split: str = "train", problem_key: str = "problem", a
         if not rows:
             raise DataError(f"dataset 'arith' has no usable rows in split {split!r} (num_{split} is 0)")
         return rows, {"rows": len(rows), "skipped_no_answer": 0, "skipped_no_problem": 0}
+
+    if Path(source).suffix.lower() == ".jsonl":
+        # Line by line: `datasets` rejects a whole file for one malformed line (without saying which).
+        data = read_jsonl(source, required=(problem_key, answer_key))
+        rows = []
+        mapped = {problem_key, answer_key, "id", "problem", "answer"}
+        for line, record in zip(data.lines, data.records):
+            rid = record.get("id")
+            rid = f"{split}-{line - 1}" if rid is None or str(rid) == "" else str(rid)  # = the row index
+            rows.append({"id": rid, "problem": str(record[problem_key]), "answer": _answer_text(record[answer_key]),
+                         **{k: v for k, v in record.items() if k not in mapped}})
+        s = data.stats
+        return rows, {"rows": len(rows), "skipped_no_answer": s[f"skipped_no_{answer_key}"],
+                      "skipped_no_problem": s[f"skipped_no_{problem_key}"], "skipped_bad_json": s["skipped_bad_json"],
+                      "bad_lines": s["bad_lines"]}
 
     ds = _load_dataset(source, split, config)
     records: list[dict] = []

@@ -16,26 +16,31 @@ import torch
 from rl.config import AlgorithmConfig, LearnerConfig
 from rl.engine import Engine
 from rl.updates import run_query, run_update
+from rl.weight_sync import LOOPBACK
 
 
 class LearnerRank:
     def __init__(self, rank: int, world_size: int, model_path: str, learner: dict, algorithm: dict,
-                 dtype: str, temperature: float, seed: int, num_threads: int | None = None):
+                 dtype: str, temperature: float, seed: int, num_threads: int | None = None, top_k: int = 0,
+                 top_p: float = 1.0):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.rank, self.world_size = rank, world_size
         # Plain dicts cross Ray; the configs are rebuilt here (validated again, defaults resolved as on the driver).
         self.engine = Engine(rank, world_size, LearnerConfig(**learner), AlgorithmConfig(**algorithm), model_path,
-                             dtype, temperature, seed)
+                             dtype, temperature, seed, top_k=top_k, top_p=top_p)
 
-    def address(self) -> tuple[str, int]:
-        """Rank 0's reachable address and a free port for the rendezvous."""
+    def address(self, loopback: bool = False) -> tuple[str, int]:
+        """Rank 0's address for a rendezvous and a port free on it: loopback when every member runs on this node
+        (the store and gloo then listen on nothing another machine reaches), else this node's IP (that interface
+        only, rl.weight_sync.new_store)."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
+        host = LOOPBACK if loopback else ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
             port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return host, port
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and build the DeepSpeed engine (collective: call on all ranks together)."""
@@ -69,8 +74,8 @@ class LearnerRank:
     def join_weight_sync(self, rank: int, *args) -> None:
         self.engine.join_weight_sync(rank, *args)
 
-    def broadcast_weights(self) -> int | None:
-        return self.engine.broadcast_weights()
+    def broadcast_weights(self, bucket_bytes: int | None = None) -> int | None:
+        return self.engine.broadcast_weights(bucket_bytes)
 
     def save_checkpoint(self, path: str) -> None:
         self.engine.save_checkpoint(path)

@@ -16,6 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl.config import Config, ConfigError
+from rl.gpu_config import cluster_gpu_problem, gpus_needed
 
 log = logging.getLogger("reasonrl")
 ROLES = ("rollout", "reward", "learner")
@@ -45,23 +46,42 @@ def _merge(a: dict, b: dict) -> dict:
     return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {*a, *b}}
 
 
+def colocated(cfg: Config, roles: tuple[str, ...]) -> bool:
+    return cfg.placement.colocate and "rollout" in roles and "learner" in roles
+
+
+def reservations(cfg: Config, roles: tuple[str, ...] = ROLES) -> dict[str, dict[str, float]]:
+    """role -> the bundle each of its actors reserves in the role's placement group, for the roles that get one
+    (an empty bundle gets none; a colocated rollout worker rides in its learner rank's bundle, which then holds
+    both). Pure: what `Placement` reserves and what `reasonrl train --dry-run` prints."""
+    together = colocated(cfg, roles)
+    out = {}
+    for role in roles:
+        if role == "rollout" and together:
+            continue  # rides in the learner's bundles
+        shape = bundle(cfg, role)
+        if role == "learner" and together:
+            shape = _merge(shape, bundle(cfg, "rollout"))
+        if shape:
+            out[role] = shape
+    return out
+
+
 class Placement:
     """Placement groups for some roles of one run; `options(role, i)` are the Ray actor options of actor i."""
 
     def __init__(self, cfg: Config, roles: tuple[str, ...] = ROLES):
         self.cfg, self.roles = cfg, roles
         self.groups: dict[str, object] = {}
-        colocate = cfg.placement.colocate and "rollout" in roles and "learner" in roles
-        self.colocated = colocate
+        self.colocated = colocated(cfg, roles)
+        if gpus_needed(cfg, roles):  # before anything is reserved: too few GPUs is a config error, not a timeout
+            problem = cluster_gpu_problem(cfg, roles, float(ray.cluster_resources().get("GPU", 0.0)))
+            if problem:
+                key, _, why = problem.partition(": ")
+                raise ConfigError(f"config key '{key}': {why}")
         try:
-            for role in roles:
-                if role == "rollout" and colocate:
-                    continue  # rides in the learner's bundles
-                shape = bundle(cfg, role)
-                if role == "learner" and colocate:
-                    shape = _merge(shape, bundle(cfg, "rollout"))
-                if shape:
-                    self.groups[role] = self._reserve(role, shape)
+            for role, shape in reservations(cfg, roles).items():
+                self.groups[role] = self._reserve(role, shape)
         except Exception:
             self.remove()
             raise

@@ -17,7 +17,7 @@ import torch
 from rl.algorithms import dpo_losses, preference_correct, preference_margin, todo_losses
 from rl.batch import pad_pairs, response_logprobs
 from rl.contracts import PreferencePair, RolloutBatch
-from rl.data import DataError, _load_dataset, render_prompt
+from rl.data import MAX_BAD_LINES, DataError, _load_dataset, read_jsonl, render_prompt
 
 log = logging.getLogger("reasonrl")
 
@@ -93,15 +93,26 @@ def load_pairs(source: str, split: str, tokenizer, system_prompt: str | None = N
     """Encoded pairs from a .jsonl/.json/.parquet file or a hub dataset, and counts of what was skipped.
 
     A row missing prompt/chosen/rejected (or with a null tie) is skipped and counted. A dataset with no `tie`
-    column at all is an ordinary preference set: every row is a preference. Raises DataError if none is usable.
+    column at all is an ordinary preference set: every row is a preference. A JSONL file is read line by line
+    (rl.data.read_jsonl): a malformed line is skipped too (`skipped_bad_json`), and `bad_lines` lists the first
+    skipped line numbers. Raises DataError if none is usable.
     """
-    ds = _load_dataset(source, split)
-    records = ds.to_list() if ds is not None else []
-    has_tie = ds is not None and "tie" in ds.column_names
-    stats = {"read": len(records), **{f"skipped_no_{f}": 0 for f in FIELDS}, "skipped_bad_format": 0,
+    jsonl = Path(source).suffix.lower() == ".jsonl"
+    if jsonl:  # `datasets` would reject the whole file for one malformed line, without saying which
+        data = read_jsonl(source, required=FIELDS[:3], required_if_present=("tie",), what="pairs")
+        records, lines, has_tie = data.records, data.lines, "tie" in data.columns
+        read, bad = data.stats["lines"], list(data.stats["bad_lines"])
+    else:
+        ds = _load_dataset(source, split)
+        records = ds.to_list() if ds is not None else []
+        lines, has_tie = [None] * len(records), ds is not None and "tie" in ds.column_names
+        read, bad = len(records), []
+    stats = {"read": read, **{f"skipped_no_{f}": 0 for f in FIELDS}, "skipped_bad_format": 0,
              "skipped_too_long": 0, "tie_column": has_tie}
+    if jsonl:
+        stats.update({k: v for k, v in data.stats.items() if k.startswith("skipped_")})
     pairs = []
-    for record in records:
+    for line, record in zip(lines, records):
         missing = [f for f in FIELDS if (f != "tie" or has_tie) and _missing(record.get(f))]
         if missing:
             stats[f"skipped_no_{missing[0]}"] += 1
@@ -110,6 +121,7 @@ def load_pairs(source: str, split: str, tokenizer, system_prompt: str | None = N
                            bool(record["tie"]) if has_tie else False, system_prompt)
         if pair is None:
             stats["skipped_bad_format"] += 1
+            bad.append(line)
             continue
         if max_prompt_tokens and len(pair.prompt_ids) > max_prompt_tokens:
             stats["skipped_too_long"] += 1
@@ -118,6 +130,8 @@ def load_pairs(source: str, split: str, tokenizer, system_prompt: str | None = N
         if limit and len(pairs) == limit:
             break
     stats.update(pairs=len(pairs), ties=sum(p.tie for p in pairs))
+    if jsonl:
+        stats["bad_lines"] = sorted(set(bad))[:MAX_BAD_LINES]
     if not pairs:
         raise DataError(f"preference data {source!r} has no usable pairs (split {split!r}): {stats}")
     return pairs, stats

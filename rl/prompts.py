@@ -7,10 +7,14 @@ from rl.data import filter_long_prompts, load_rows, render_prompt
 from rl.rollout import SamplingParams
 
 
-def prepare_prompts(cfg: Config, tokenizer, source: str, split: str) -> tuple[list[dict], dict]:
-    """Rows with their rendered prompt under `prompt`; stats count what was skipped and why."""
+def prepare_prompts(cfg: Config, tokenizer, source: str, split: str,
+                    limit: int | None = None) -> tuple[list[dict], dict]:
+    """Rows with their rendered prompt under `prompt` (the first `limit` rows only, if given); stats count what was
+    skipped and why."""
     d = cfg.data
     rows, stats = load_rows(source, split, d.problem_key, d.answer_key, arith=d.arith.model_dump())
+    if limit is not None and len(rows) > limit:
+        rows, stats = rows[:limit], dict(stats, limited_to=limit)
     prompts = [render_prompt(tokenizer, r["problem"], d.system_prompt, d.prompt_suffix) for r in rows]
     rows, prompts, too_long = filter_long_prompts(rows, prompts, tokenizer, d.max_prompt_tokens)
     for row, prompt in zip(rows, prompts):

@@ -1,8 +1,10 @@
 """Rollout worker: batched sampling with transformers `generate`.
 
-Returns, per sample, the prompt and response token ids, the log-prob of every sampled token under the policy at
-the sampling temperature (measured from the generation logits as they are produced, so no second forward pass), the
-full-vocabulary entropy of each step, and why the response ended (`stop`: EOS generated, `length`: budget exhausted).
+Returns, per sample, the prompt and response token ids, the log-prob of every sampled token under the distribution
+it was drawn from (the policy at the sampling temperature, truncated by top-k / top-p when those are set; measured
+from the generation logits as they are produced, so no second forward pass), the entropy of that distribution at
+each step (full-vocabulary without truncation), and why the response ended (`stop`: EOS generated, `length`: budget
+exhausted).
 """
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from rl.algorithms import entropy_from_logits, token_logprobs
 from rl.batch import expand_cache
-from rl.contracts import RolloutBatch
+from rl.contracts import RolloutBatch, StaleWeightsError
 from rl.models import load_policy, load_tokenizer
-from rl.watchdog import StaleWeightsError
 from rl.weight_sync import Endpoint
 
 
@@ -75,7 +76,9 @@ class RolloutWorker:
 
     def join_weight_sync(self, rank: int, *args) -> None:
         """Become member `rank` of the collective weight-sync group (rl.weight_sync, `weight_sync.mode: collective`)."""
-        self._sync = None  # a rebuilt group replaces the old one
+        if getattr(self, "_sync", None) is not None:
+            self._sync.close()  # a rebuilt group replaces the old one, destroyed before the new one forms
+        self._sync = None
         self._sync = Endpoint(*args[:2], rank, *args[2:])
         self._sync.check(list(self.model.named_parameters()))
 
@@ -147,7 +150,8 @@ class RolloutWorker:
     def _generate_chunk(self, prompts: list[str], params: SamplingParams, out: RolloutBatch) -> None:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        stats = StepStats(1.0 if params.greedy else params.temperature)
+        # The distribution sampled: temperature, then top-k / top-p (greedy: the raw one, log-probs unused).
+        stats = StepStats(1.0) if params.greedy else StepStats(params.temperature, params.top_k, params.top_p)
         own_sampler = not params.greedy and params.sampler == "inverse_cdf"
         # Order matters: StepStats reads the raw logits, the sampler replaces them by its pick.
         processors = ([stats] if params.logprobs else []) + ([CategoricalSampler(params)] if own_sampler else [])
@@ -173,8 +177,10 @@ class RolloutWorker:
 
 
 class StepStats:
-    """A logits processor that measures, as generation goes, the log-prob of each sampled token and the
-    full-vocabulary entropy of each step at the sampling temperature, from the raw logits.
+    """A logits processor that measures, as generation goes, the log-prob of each sampled token and the entropy
+    of each step under the sampled distribution: the raw logits at the sampling temperature, truncated to the top-k /
+    top-p set as the warpers truncate them (rl.algorithms.truncate_logits; the full vocabulary without truncation),
+    which is what the learner's log-probs describe too (rl.batch.response_logprobs with the same top_k / top_p).
 
     transformers runs custom processors before its temperature/top-k/top-p warpers, so `scores` are the raw
     logits (the default processors are switched off by generation_config). The token sampled from step t's scores
@@ -182,17 +188,18 @@ class StepStats:
     output_logits would (T x B x V floats: GBs at long budgets).
     """
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0):
         self.temperature, self.previous, self.logprobs, self.entropies = temperature, None, [], []
+        self.truncation = (top_k, top_p)
 
     def _close_previous(self, tokens: torch.Tensor) -> None:
         if self.previous is not None:
-            self.logprobs.append(token_logprobs(self.previous, tokens, self.temperature).squeeze(1))
+            self.logprobs.append(token_logprobs(self.previous, tokens, self.temperature, *self.truncation).squeeze(1))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self._close_previous(input_ids[:, -1:])
         self.previous = scores.unsqueeze(1)
-        self.entropies.append(entropy_from_logits(self.previous, self.temperature).squeeze(1))
+        self.entropies.append(entropy_from_logits(self.previous, self.temperature, *self.truncation).squeeze(1))
         return scores
 
     def finish(self, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,31 +15,38 @@ class ScoredBatch:
     result: RewardResult  # per-function scores, failure and timeout counts, first error messages
 
 
-def reward_columns(rows: list[dict], batch: RolloutBatch, group_size: int, answer_key: str = "answer") \
+def group_sizes(rows: list[dict], group_size: int | list[int]) -> list[int]:
+    """Samples per row: one size for every row, or each row's own (Rollout-GDRO's variable groups)."""
+    return [group_size] * len(rows) if isinstance(group_size, int) else [int(n) for n in group_size]
+
+
+def reward_columns(rows: list[dict], batch: RolloutBatch, group_size: int | list[int], answer_key: str = "answer") \
         -> dict[str, list]:
     """Dataset columns repeated per sample (TRL's reward contract), plus the sampled token ids and counts.
 
     The answer arrives as `answer` and also under the dataset's own column name, so a reward written for TRL
-    against that dataset finds the column it expects.
+    against that dataset finds the column it expects. group_size: samples per row, or a list of each row's.
     """
     skip = {"prompt", "problem"}
-    columns = {k: [r[k] for r in rows for _ in range(group_size)] for k in rows[0] if k not in skip}
+    sizes = group_sizes(rows, group_size)
+    columns = {k: [r[k] for r, n in zip(rows, sizes) for _ in range(n)] for k in rows[0] if k not in skip}
     columns.setdefault(answer_key, columns["answer"])
     columns["completion_ids"] = batch.response_ids
     columns["completion_tokens"] = batch.tokens
     columns["finish_reason"] = batch.finish_reason  # "stop" (EOS) or "length" (truncated)
-    columns["group_id"] = [g for g in range(len(rows)) for _ in range(group_size)]  # samples of one prompt
+    columns["group_id"] = [g for g, n in enumerate(sizes) for _ in range(n)]  # samples of one prompt
     return columns
 
 
-def score_batch(rewards, rows: list[dict], prompts: list[str], batch: RolloutBatch, group_size: int,
+def score_batch(rewards, rows: list[dict], prompts: list[str], batch: RolloutBatch, group_size: int | list[int],
                 weights: dict[str, float], accuracy: str, answer_key: str = "answer") -> ScoredBatch:
-    """Score `batch` (group_size samples per row, contiguous) on the reward workers (`rewards`: a RewardGroup).
+    """Score `batch` (group_size samples per row, contiguous; or a list of each row's sample count) on the reward
+    workers (`rewards`: a RewardGroup).
 
     weights: reward function -> weight of its term in the total; accuracy: the function whose verdict (> 0.5)
     counts as correct.
     """
-    expanded = [p for p in prompts for _ in range(group_size)]
+    expanded = [p for p, n in zip(prompts, group_sizes(rows, group_size)) for _ in range(n)]
     result = rewards.score(expanded, batch.text, reward_columns(rows, batch, group_size, answer_key), group_size)
     correct = [float(s > 0.5) for s in result.scores[accuracy]]
     return ScoredBatch(weighted_total(result, weights), correct, result)

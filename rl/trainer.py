@@ -18,10 +18,11 @@ from rl import checkpoint
 from rl.cluster import LearnerGroup, RewardGroup, RolloutGroup, init_ray, shutdown
 from rl.config import Config, ConfigError, dump_config
 from rl.data import PromptSampler
+from rl.gpu_config import check_run_environment
 from rl.metrics import MetricsLogger, plot_curves
 from rl.models import load_tokenizer, resolve_model
 from rl.placement import ROLES, Placement, node_map
-from rl.prompts import held_out_rows, sampling_params
+from rl.prompts import sampling_params
 from rl.steps import Run, Step, make_step
 from rl.weights import WeightSync
 
@@ -63,6 +64,7 @@ def train(cfg: Config, resume: bool = False, step_callback=None, hooks=()) -> di
     rl.steps.Run) and `close()`, e.g. eval.in_training.BenchmarkEval. `step_callback(step, row)`, if given, is called
     once before the first step (row None) and after each step with its metrics row (bench/grpo_vs_trl.py paces its
     A/B comparison with it)."""
+    check_run_environment(cfg)  # e.g. GPUs asked for on a machine without CUDA: before anything starts
     step_kind = make_step(cfg)
     model_path = resolve_model(cfg.model.path, cfg.model.cache_dir)
     tokenizer = load_tokenizer(model_path)
@@ -70,7 +72,7 @@ def train(cfg: Config, resume: bool = False, step_callback=None, hooks=()) -> di
     step_kind.check(tokenizer)
     items, data_stats = step_kind.items(tokenizer)
     log.info("training data %s", data_stats)
-    eval_rows = held_out_rows(cfg, tokenizer, cfg.data.eval_size)
+    eval_rows = step_kind.held_out(tokenizer)
     out_dir = prepare_output_dir(cfg, resume)
     last_ckpt = checkpoint.latest(out_dir) if resume else None
     if resume:
@@ -84,7 +86,7 @@ def train(cfg: Config, resume: bool = False, step_callback=None, hooks=()) -> di
 
     wanted = set(step_kind.roles) | ({"rollout", "reward"} if eval_rows else set()) | ({"rollout"} if hooks else set())
     roles = tuple(r for r in ROLES if r in wanted)
-    sampler = PromptSampler(items, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
+    sampler = step_kind.make_sampler(items)  # rl.data.PromptSampler unless the step draws otherwise
     progress = {"step": 0}
     init_ray(cfg)
     groups: list = []
@@ -100,6 +102,8 @@ def train(cfg: Config, resume: bool = False, step_callback=None, hooks=()) -> di
             progress["step"] = start_step
             with MetricsLogger(str(out_dir), tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                                total_steps=cfg.trainer.max_steps, start_step=start_step) as metrics:
+                # What was read and skipped (JSONL: bad_lines names the first skipped line numbers).
+                metrics.log_event("data", {"step": start_step, **data_stats})
                 run = Run(cfg, out_dir, tokenizer, model_path, metrics, sampler, start_step, rollouts, rewards,
                           learner, learner_version=start_step)
                 if rollouts is not None and learner is not None:

@@ -21,10 +21,11 @@ from typing import Any, Callable
 
 import torch
 
-from rl.algorithms import policy_loss, preference_correct, preference_margin
+from rl.algorithms import logprob_mismatch, policy_loss, preference_correct, preference_margin, tis_weights, sft_loss
 from rl.batch import pack_pairs, pad_pairs, pad_values, prefix_pairs, response_logprobs, split_bounds, to_device
-from rl.contracts import PreferencePair, TrainSequence
+from rl.contracts import PreferencePair, SftExample, TrainSequence
 from rl.preference import pair_batch, pair_losses, summed_logps
+from rl.sft import sft_batch
 
 UPDATES: dict[str, Callable] = {}
 QUERIES: dict[str, Callable] = {}
@@ -122,8 +123,11 @@ def replicate(items: list, num_ranks: int, micro_batch_size: int) -> tuple[list[
 
 # ---------------------------------------------------------------------------------------------------- reduces
 def reduce_policy(stats: list[dict]) -> dict:
-    """Summed statistics over ranks; loss and grad norm averaged over optimizer steps, lr from rank 0."""
-    total = {k: sum(s[k] for s in stats) for k in stats[0] if k not in ("lr", "grad_norm", "optimizer_steps")}
+    """Summed statistics over ranks (maxima: the largest); loss and grad norm averaged over optimizer steps, lr
+    from rank 0."""
+    total = {k: sum(s[k] for s in stats) for k in stats[0]
+             if k not in ("lr", "grad_norm", "optimizer_steps", "logprob_diff_max")}
+    total["logprob_diff_max"] = max(s.get("logprob_diff_max", 0.0) for s in stats)
     total["grad_norm"] = stats[0]["grad_norm"] / max(1, stats[0]["optimizer_steps"])  # global norm, same on all
     total["lr"] = stats[0]["lr"]
     total["loss"] /= max(1, stats[0]["optimizer_steps"])
@@ -168,28 +172,44 @@ def _micro(engine, seqs: list[TrainSequence]) -> dict:
     return to_device(batch, engine.device)
 
 
+def _logprobs(engine, model, batch: dict) -> torch.Tensor:
+    """Response log-probs under the distribution the rollout sampled: its temperature and top-k / top-p (an engine
+    without them, e.g. a test's stand-in, samples untruncated)."""
+    return response_logprobs(model, batch, engine.temperature, getattr(engine, "top_k", 0),
+                             getattr(engine, "top_p", 1.0))
+
+
 @torch.no_grad()
 def _attach_ref_logprobs(engine, shard: list[TrainSequence]) -> None:
     """Reference log-probs once per rollout batch (the reference never changes), in micro-batches."""
     for start in range(0, len(shard), engine.cfg.micro_batch_size):
         chunk = shard[start:start + engine.cfg.micro_batch_size]
-        lp = response_logprobs(engine.ref, _micro(engine, chunk), engine.temperature).cpu()
+        lp = _logprobs(engine, engine.ref, _micro(engine, chunk)).cpu()
         for i, seq in enumerate(chunk):
             seq.ref_logprobs = lp[i, :len(seq.response_ids)].tolist()
 
 
 @register_update("policy")
 def policy_update(engine, shard: list[TrainSequence], plan: PolicyPlan) -> dict:
-    """One rollout batch: `num_iterations` passes x one optimizer step per mini-batch of the plan."""
+    """One rollout batch: `num_iterations` passes x one optimizer step per mini-batch of the plan.
+
+    Also the training-inference mismatch monitor: |rollout log-prob - learner log-prob| over the response tokens
+    scored before the first optimizer step (the whole batch unless algorithm.mini_batches > 1), from the forward the
+    update runs anyway. On-policy both sides had the same weights, so it measures how the engines' numerics differ;
+    on a one-step-stale batch it also holds one step of policy change."""
     algo, mini_batches = engine.algo, len(plan.num_micro)
     # One pass, one mini-batch, sampled from these weights: pi_old is the policy itself (ratio 1, no second
     # forward). Otherwise pi_old is the rollout's log-probs: the behaviour policy, also when it is a step stale.
     on_policy = plan.on_policy and algo.num_iterations == 1 and mini_batches == 1
+    # Truncated IS (algorithm.tis_cap) where pi_old is the learner's own: the tokens came from pi_rollout. Where pi_old
+    # is the rollout's log-probs, the PPO ratio already weighs by pi_theta / pi_rollout.
+    tis_cap = getattr(algo, "tis_cap", None) if on_policy else None
     if engine.ref is not None:
         _attach_ref_logprobs(engine, shard)
     totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0,
-              "grad_norm": 0.0, "optimizer_steps": 0}
-    for _ in range(algo.num_iterations):
+              "grad_norm": 0.0, "optimizer_steps": 0, "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0,
+              "logprob_diff_tokens": 0.0, "tis_weight_sum": 0.0}
+    for it in range(algo.num_iterations):
         for mb in range(mini_batches):
             seqs = [s for s in shard if s.mini_batch == mb]
             chunks = [seqs[a:b] for a, b in split_bounds(len(seqs), plan.num_micro[mb])]
@@ -198,17 +218,27 @@ def policy_update(engine, shard: list[TrainSequence], plan: PolicyPlan) -> dict:
                 weight = 1.0 if chunk else 0.0
                 batch = _micro(engine, chunk or shard[:1])
                 engine.boundary(i == len(chunks) - 1)
-                logprobs = response_logprobs(engine.policy, batch, engine.temperature)
+                logprobs = _logprobs(engine, engine.policy, batch)
                 old = logprobs.detach() if on_policy else batch["old_logprobs"]
+                mask = batch["response_mask"]
+                tis = None if tis_cap is None else tis_weights(logprobs.detach(), batch["old_logprobs"], mask, tis_cap)
                 loss, stats = policy_loss(
-                    logprobs, old, batch["advantages"], batch["response_mask"],
+                    logprobs, old, batch["advantages"], mask,
                     clip_low=algo.clip_low, clip_high=algo.clip_high, loss_agg=algo.loss_agg,
                     num_tokens=plan.num_tokens[mb], num_seqs=plan.num_seqs[mb], max_len=plan.max_len,
-                    ref_logprobs=batch.get("ref_logprobs"), kl_coef=algo.kl_coef)
+                    ref_logprobs=batch.get("ref_logprobs"), kl_coef=algo.kl_coef, token_weights=tis,
+                    importance_sampling_level=getattr(algo, "importance_sampling_level", "token"))
                 engine.backward(loss * weight)
                 totals["loss"] += float(loss.detach()) * weight
                 for k in ("clipped_tokens", "kl_sum", "ratio_sum", "tokens"):
                     totals[k] += float(stats[k]) * weight
+                if tis is not None:
+                    totals["tis_weight_sum"] += float(tis.sum()) * weight
+                if it == 0 and mb == 0 and chunk:  # before any optimizer step of this update
+                    diff = logprob_mismatch(logprobs.detach(), batch["old_logprobs"], mask)
+                    totals["logprob_diff_sum"] += float(diff["sum"])
+                    totals["logprob_diff_tokens"] += float(diff["tokens"])
+                    totals["logprob_diff_max"] = max(totals["logprob_diff_max"], float(diff["max"]))
             totals["grad_norm"] += engine.step()
             totals["optimizer_steps"] += 1
     totals["lr"] = engine.lr
@@ -220,7 +250,7 @@ def policy_logprobs(engine, shard: list[tuple[list[int], list[int]]], plan=None)
     """Policy log-probs of given (prompt_ids, response_ids) responses (tests and diagnostics)."""
     responses = [r for _, r in shard]
     batch = to_device(pad_pairs([p for p, _ in shard], responses, engine.pad_id), engine.device)
-    lp = response_logprobs(engine.policy, batch, engine.temperature).cpu()
+    lp = _logprobs(engine, engine.policy, batch).cpu()
     return [lp[i, :len(r)].tolist() for i, r in enumerate(responses)]
 
 
@@ -274,4 +304,73 @@ def preference_logps(engine, shard: list[PreferencePair], plan: PairPlan) -> lis
         if b > a:
             out.extend(row for p, row in zip(pairs, torch.stack([pc, pr, rc, rr], 1).cpu().tolist())
                        if not p.stand_in)
+    return out
+
+
+# ------------------------------------------------------------------------------- supervised fine-tuning (SFT)
+@dataclass
+class SftPlan:
+    num_tokens: int  # trained tokens of the whole batch, all ranks: the loss denominator
+    num_micro: int  # micro-batches every rank runs
+
+
+def plan_sft(examples: list[SftExample], num_ranks: int, micro_batch_size: int) \
+        -> tuple[list[list[SftExample]], SftPlan]:
+    """Contiguous shards of examples, one per rank (a rank left without examples gets a zero-weight stand-in), the
+    batch's trained-token count and the micro-batch count every rank runs (the most any rank needs)."""
+    if not examples:
+        raise ValueError("an SFT update needs at least one example")
+    shards = [examples[a:b] or [replace(examples[0], weight=0.0, stand_in=True)]
+              for a, b in split_bounds(len(examples), num_ranks)]
+    tokens = sum(e.num_tokens for e in examples if not e.stand_in)
+    return shards, SftPlan(max(1, tokens), max(math.ceil(len(s) / micro_batch_size) for s in shards))
+
+
+def reduce_sft(stats: list[dict]) -> dict:
+    """Loss summed over ranks (each rank's part is already divided by the batch-global count); grad norm and lr
+    from rank 0 (the same global value on every rank)."""
+    tot = {k: sum(s[k] for s in stats) for k in ("loss", "tokens", "examples")}
+    return {**tot, "grad_norm": stats[0]["grad_norm"], "lr": stats[0]["lr"]}
+
+
+def reduce_sft_loss(stats: list[dict]) -> dict:
+    """Held-out token-mean NLL over all ranks' examples."""
+    nll, tokens = sum(s["nll_sum"] for s in stats), sum(s["tokens"] for s in stats)
+    return {"eval_loss": nll / max(1.0, tokens), "eval_tokens": tokens}
+
+
+def _sft_micro_batches(engine, shard: list[SftExample], plan: SftPlan):
+    """(is last, batch) per micro-batch; an empty chunk runs the shard's first example with weight 0, because
+    every rank must run the same passes (ZeRO's collectives)."""
+    chunks = [shard[a:b] for a, b in split_bounds(len(shard), plan.num_micro)]
+    for i, chunk in enumerate(chunks):
+        examples = chunk or [replace(shard[0], weight=0.0, stand_in=True)]
+        yield i == len(chunks) - 1, to_device(sft_batch(examples, engine.pad_id, engine.cfg.packing), engine.device)
+
+
+@register_update("sft")
+def sft_update(engine, shard: list[SftExample], plan: SftPlan) -> dict:
+    """One optimizer step of supervised NLL: loss = summed NLL of the trained tokens / plan.num_tokens, so it does
+    not depend on micro-batches or ranks. Log-probs at temperature 1: the model's own distribution."""
+    totals = {"loss": 0.0, "tokens": 0.0, "examples": float(sum(e.weight for e in shard if not e.stand_in))}
+    for last, batch in _sft_micro_batches(engine, shard, plan):
+        engine.boundary(last)
+        logprobs = response_logprobs(engine.policy, batch)
+        loss, stats = sft_loss(logprobs, batch["loss_mask"], plan.num_tokens)
+        engine.backward(loss)
+        totals["loss"] += float(loss.detach())
+        totals["tokens"] += float(stats["tokens"])
+    totals["grad_norm"] = engine.step()
+    totals["lr"] = engine.lr
+    return totals
+
+
+@register_query("sft_loss")
+def sft_eval_loss(engine, shard: list[SftExample], plan: SftPlan) -> dict:
+    """Summed NLL and trained-token count of this rank's examples (reduce_sft_loss makes the token mean)."""
+    out = {"nll_sum": 0.0, "tokens": 0.0}
+    for _, batch in _sft_micro_batches(engine, shard, plan):
+        _, stats = sft_loss(response_logprobs(engine.policy, batch), batch["loss_mask"], plan.num_tokens)
+        out["nll_sum"] += float(stats["nll_sum"])
+        out["tokens"] += float(stats["tokens"])
     return out

@@ -24,17 +24,18 @@ from typing import Callable, Sequence
 
 import ray
 
+from rl.contracts import StaleWeightsError  # noqa: F401  (raised by rollout workers; re-exported here)
+
 log = logging.getLogger("reasonrl")
 POLL_S = 1.0
 STACK_FILE = os.path.join(tempfile.gettempdir(), "reasonrl-stack-{pid}.txt")
+STACK_FILE_ENV = "REASONRL_STACK_FILE"
 
 
 class StuckError(RuntimeError):
     """A role made no progress for watchdog_seconds; the message names role, actor index and method."""
 
 
-class StaleWeightsError(RuntimeError):
-    """Raised by a recreated rollout worker asked to generate before it got the current weights back."""
 
 
 def setup_worker() -> None:
@@ -43,6 +44,9 @@ def setup_worker() -> None:
     path = STACK_FILE.format(pid=os.getpid())
     fh = open(path, "w")  # kept open for the life of the process: faulthandler writes to its descriptor
     faulthandler.register(signal.SIGUSR1, file=fh, all_threads=True)
+    # Inherited by the worker's own children (a reward worker's isolated reward process registers the same
+    # dump, rewards.isolation): where a reward hangs is the child's stack, not the actor's.
+    os.environ[STACK_FILE_ENV] = STACK_FILE
 
 
 def dead(err: BaseException) -> bool:
@@ -103,8 +107,10 @@ def call_all(role: str, method: str, calls: Sequence[tuple], watchdog_seconds: f
                 dumps = {i: dump_stack(calls[i][0]) for i in stuck}
                 _cancel(pending)
                 for i, stack in dumps.items():
+                    # Whole: the console caps long records (model output), and the hung frame is at the end
+                    # (the worker's own stack comes first, its child processes' after it).
                     log.error("watchdog: %s %d stuck in %s for more than %.0f s; its stack:\n%s", role, i, method,
-                              watchdog_seconds, stack)
+                              watchdog_seconds, stack, extra={"uncapped": True})
                 first = stuck[0]
                 raise StuckError(f"watchdog: {role} {'rank' if role == 'learner' else 'worker'} {first} made no "
                                  f"progress in {method} for {watchdog_seconds:.0f} s (trainer.watchdog_seconds)\n"
@@ -169,20 +175,46 @@ def dump_stack(actor) -> str:
         return f"(no stack for pid {pid}: {type(err).__name__}: {err})"
 
 
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (Linux /proc; [] elsewhere)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
 def _stack_of(pid: int) -> str:
-    """Runs on the stuck actor's node: py-spy if it can attach, else the faulthandler dump."""
+    """Runs on the stuck actor's node: py-spy if it can attach, else the faulthandler dump. Both include the
+    actor's child processes: a reward worker waits on its isolated reward process, whose stack shows the hang."""
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if os.path.exists(spy):
         try:
-            out = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+            out = subprocess.run([spy, "dump", "--pid", str(pid), "--subprocesses"], capture_output=True, text=True,
+                                 timeout=30)
             if out.returncode == 0 and out.stdout.strip():
-                return f"[py-spy dump --pid {pid}]\n{out.stdout}"
+                return f"[py-spy dump --pid {pid} --subprocesses]\n{out.stdout}"
         except (OSError, subprocess.TimeoutExpired):
             pass
-    path = STACK_FILE.format(pid=pid)
-    if not os.path.exists(path):
-        return f"(no stack for pid {pid}: py-spy failed and no faulthandler file {path})"
-    os.kill(pid, signal.SIGUSR1)
+    dumped = [p for p in [pid, *_descendants(pid)] if os.path.exists(STACK_FILE.format(pid=p))]
+    if pid not in dumped:
+        return f"(no stack for pid {pid}: py-spy failed and no faulthandler file {STACK_FILE.format(pid=pid)})"
+    for p in dumped:  # only processes that registered the dump: SIGUSR1 would kill any other
+        os.kill(p, signal.SIGUSR1)
     time.sleep(1.0)
-    with open(path) as fh:
-        return f"[faulthandler, pid {pid}]\n{fh.read()}"
+    parts = []
+    for p in dumped:
+        with open(STACK_FILE.format(pid=p)) as fh:
+            parts.append(f"[faulthandler, pid {p}]\n{fh.read()}")
+    return "\n".join(parts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from datetime import timedelta
 
@@ -37,13 +38,50 @@ def bucket_plan(numels: list[int], bucket_bytes: int, elem_bytes: int = 4) -> li
     return buckets
 
 
-def new_group(addr: str, port: int, rank: int, world: int, backend: str, timeout_s: float):
-    """A process group of `world` members outside the default group; rank 0 hosts the store at addr:port."""
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(addr: str) -> bool:
+    return addr in ("localhost", "::1") or addr.startswith("127.")
+
+
+def new_store(addr: str, port: int, rank: int, world: int, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store of a group; rank 0 hosts it at addr:port.
+
+    Left to itself TCPStore's server listens on every interface (`::`), whatever address it is given; so rank 0
+    binds the listening socket itself, to `addr` only (loopback when every member is on this node), and hands it
+    over (master_listen_fd)."""
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
+    if rank != 0:
+        return dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(max(128, 8 * world))
+    except OSError:
+        sock.close()
+        raise
+    return dist.TCPStore(addr, port, world, is_master=True, timeout=timeout, master_listen_fd=sock.detach())
+
+
+def new_group(addr: str, port: int, rank: int, world: int, backend: str, timeout_s: float):
+    """A process group of `world` members outside the default group; rank 0 hosts the store at addr:port. With a
+    loopback address gloo's pair sockets listen on loopback too (its default device is the interface the host
+    name resolves to)."""
+    timeout = timedelta(seconds=timeout_s)
+    store = new_store(addr, port, rank, world, timeout_s)
     if backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, world), store
-    return dist.ProcessGroupGloo(store, rank, world, timeout), store
+        # Without options NCCL's collectives time out after torch's default (10 min), not after the watchdog's
+        # trainer.watchdog_seconds that the gloo group and the store get.
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world, opts), store
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=addr) if is_loopback(addr)
+                     else dist.ProcessGroupGloo.create_default_device()]
+    return dist.ProcessGroupGloo(store, rank, world, opts), store
 
 
 def checksum(flat: torch.Tensor) -> int:
@@ -86,6 +124,22 @@ class Endpoint:
         self._buffers: list[torch.Tensor | None] = [None, None]
         self.pg, self._store = new_group(addr, port, rank, world, backend, timeout_s)
 
+    def close(self) -> None:
+        """Destroy the group (a rebuilt one replaces it): NCCL communicators hold GPU memory and a watchdog thread
+        until shut down; the store's port is released with it."""
+        pg, self.pg, self._store = getattr(self, "pg", None), None, None
+        if pg is not None and self.backend == "nccl":
+            shutdown = getattr(pg, "shutdown", None) or getattr(pg, "_shutdown", None)
+            if shutdown is not None:
+                shutdown()
+        self._buffers = [None, None]
+
+    def _synchronize(self) -> None:
+        # NCCL work.wait() only orders the current stream after the collective; before storage it reads is freed
+        # or rewritten by other code (gathered ZeRO-3 shards, parameters the optimizer updates) the host waits too.
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def check(self, named_params: list[tuple[str, torch.Tensor]]) -> None:
         ours = [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in named_params]
         if ours != self.manifest:
@@ -108,22 +162,25 @@ class Endpoint:
         return len(tensors) == 1 and t.dtype == torch.float32 and t.device == self.device and t.is_contiguous()
 
     @torch.no_grad()
-    def send(self, named_params: list[tuple[str, torch.Tensor]]) -> int:
-        """Broadcast full parameters (gathered first under ZeRO-3) bucket by bucket; returns their checksum.
-        Bucket k+1 is packed while bucket k is on the wire."""
+    def send(self, named_params: list[tuple[str, torch.Tensor]], gather=None) -> int:
+        """Broadcast full parameters bucket by bucket; returns their checksum. Bucket k+1 is packed while bucket k
+        is on the wire. `gather(tensors)`: a context in which those (ZeRO-3 sharded) parameters are whole, entered
+        per bucket (rl.engine.Engine._gather), so only one bucket is ever gathered."""
         self.check(named_params)
         with _one_thread():
-            return self._send(named_params)
+            return self._send(named_params, gather)
 
-    def _send(self, named_params: list[tuple[str, torch.Tensor]]) -> int:
+    def _send(self, named_params: list[tuple[str, torch.Tensor]], gather=None) -> int:
         total, in_flight = 0, None
         for k, bucket in enumerate(self.plan):
-            tensors = [named_params[i][1].detach() for i in bucket]
-            if self._direct(tensors):
-                flat = tensors[0].view(-1)
-            else:
-                flat = self._flat(sum(t.numel() for t in tensors), k % 2)
-                torch.cat([t.reshape(-1).to(self.device, torch.float32) for t in tensors], out=flat)
+            params = [named_params[i][1] for i in bucket]
+            with gather(params) if gather is not None else contextlib.nullcontext():
+                tensors = [p.detach() for p in params]
+                if gather is None and self._direct(tensors):
+                    flat = tensors[0].view(-1)
+                else:  # gathered storage is freed when the bucket's gather ends: always staged
+                    flat = self._flat(sum(t.numel() for t in tensors), k % 2)
+                    torch.cat([t.reshape(-1).to(self.device, torch.float32) for t in tensors], out=flat)
             work = _broadcast(self.pg, flat)
             total += checksum(flat)
             if in_flight is not None:
@@ -131,6 +188,7 @@ class Endpoint:
             in_flight = work
         if in_flight is not None:
             in_flight.wait()
+        self._synchronize()
         return total % 2 ** 32
 
     @torch.no_grad()
@@ -159,4 +217,5 @@ class Endpoint:
                 for param in params:
                     param.copy_(flat[offset:offset + param.numel()].view_as(param))  # casts to its dtype/device
                     offset += param.numel()
+        self._synchronize()
         return total % 2 ** 32

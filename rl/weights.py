@@ -33,6 +33,7 @@ class WeightSync:
         self.kept_ref = None
         self._group_built = False
         self._rebuild = False
+        self.address: tuple[str, int] | None = None  # collective mode: the group's rendezvous, once built
         gpu = cfg.learner.num_gpus_per_rank > 0 and cfg.rollout.num_gpus > 0
         self.backend = "nccl" if gpu else "gloo"  # gloo stages GPU tensors through host memory
         self.timeout_s = float(cfg.trainer.watchdog_seconds or 1800.0)
@@ -67,7 +68,9 @@ class WeightSync:
     # ------------------------------------------------------------------------------------- collective mode
     def _build_group(self) -> None:
         rank0, workers = self.learner.ranks[0], self.rollouts.workers
-        addr, port = ray.get(rank0.address.remote())
+        # Every member on rank 0's node: the group listens on loopback only (else on that node's address only).
+        nodes = {m["node"] for m in ray.get([rank0.ping.remote()] + [w.ping.remote() for w in workers])}
+        addr, port = ray.get(rank0.address.remote(loopback=len(nodes) == 1))
         manifest = ray.get(rank0.weight_manifest.remote())
         bucket_bytes = int(self.cfg.weight_sync.bucket_mb * 2 ** 20)
         args = (addr, port, 1 + len(workers), self.backend, bucket_bytes, self.timeout_s, manifest)
@@ -75,6 +78,7 @@ class WeightSync:
         refs += [w.join_weight_sync.remote(i + 1, *args) for i, w in enumerate(workers)]
         ray.get(refs, timeout=self.timeout_s)  # the store waits for every member: they must join together
         self._group_built, self._rebuild = True, False
+        self.address = (addr, port)  # where the group's store listens (rank 0 hosts it)
         log.info("weight sync: %s group of learner rank 0 + %d rollout workers at %s:%d", self.backend,
                  len(workers), addr, port)
 
@@ -82,7 +86,8 @@ class WeightSync:
         """Every learner rank takes part (ZeRO-3 gathers are collective), rank 0 sends, every worker receives;
         then the checksums are compared. A worker dying mid-broadcast breaks the group: all workers are recreated
         (they are refilled by `restore` on their next generate) and the group is rebuilt."""
-        sends = [r.broadcast_weights.remote() for r in self.learner.ranks]
+        bucket_bytes = int(self.cfg.weight_sync.bucket_mb * 2 ** 20)  # ZeRO-3: every rank gathers rank 0's buckets
+        sends = [r.broadcast_weights.remote(bucket_bytes) for r in self.learner.ranks]
         receives = {w.receive_weights.remote(version): i for i, w in enumerate(self.rollouts.workers)}
         pending, received, died, send_error = list(sends) + list(receives), {}, None, None
         deadline = time.monotonic() + self.timeout_s

@@ -5,6 +5,7 @@ One cluster serves the module (starting it takes ~30 s); every job is the tiny c
 """
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -132,9 +133,13 @@ def test_watchdog_fails_a_run_whose_reward_never_returns(cluster, tmp_path, caps
     text = capsys.readouterr().out
     assert "watchdog: reward worker 0 made no progress in score for 30 s" in text
     assert "stopped by the watchdog" in text
-    # The stack was taken on node_b, where the reward worker runs: it shows the worker waiting in `score`.
+    # The stack was taken on node_b, where the reward worker runs: it shows the worker waiting in `score` and,
+    # in the worker's reward process, the frame only the stuck fixture has (the words above appear without one).
     assert "py-spy dump" in text or "faulthandler" in text
-    assert "score" in text.split("its stack:", 1)[1]
+    stack = text.split("its stack:", 1)[1]
+    assert "score" in stack
+    # A frame, as py-spy (`    sleep_forever (file.py:8)`) or faulthandler (`line 8 in sleep_forever`) prints it.
+    assert re.search(r"^\s+sleep_forever \(|line \d+ in sleep_forever$", stack, re.M), stack[:3000]
 
 
 def test_offline_todo_honours_placement(cluster, tmp_path, capsys):

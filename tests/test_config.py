@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_shipped_configs_validate():
     for path in (ROOT / "configs").glob("*.yaml"):
-        cfg = load_config(path)
+        # The schema, not this machine: the GPU recipes (vllm) validate here too (their run would fail here).
+        cfg = load_config(path, check_environment=False)
         assert cfg.trainer.output_dir == f"runs/{path.stem}"
 
 

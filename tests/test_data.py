@@ -105,7 +105,8 @@ def test_load_rows_jsonl_skips_and_counts(tmp_path):
         {"id": "e", "problem": "", "answer": "3", "level": 5},
     ])
     rows, stats = load_rows(path)
-    assert stats == {"rows": 2, "skipped_no_answer": 2, "skipped_no_problem": 1}
+    assert stats == {"rows": 2, "skipped_no_answer": 2, "skipped_no_problem": 1, "skipped_bad_json": 0,
+                     "bad_lines": [2, 3, 5]}
     assert rows[0] == {"id": "a", "problem": "1+1?", "answer": "2", "level": 1}
     assert rows[1] == {"id": "train-3", "problem": "numeric answer", "answer": "7", "level": 4}
 
@@ -139,6 +140,41 @@ def test_load_rows_empty_and_missing(tmp_path):
         load_rows(str(tmp_path / "missing.jsonl"))
 
 
+def test_load_rows_skips_malformed_jsonl_lines_and_names_them(tmp_path):
+    """One malformed line costs that row, not the file (`datasets` rejected the whole file, naming no line)."""
+    good = [json.dumps({"problem": f"q{i}", "answer": str(i)}).encode() for i in range(4)]
+    lines = [good[0], b'{"problem": "cut off', good[1], b"", b"[1, 2]", b"\xff\xfe{}", good[2],
+             json.dumps({"problem": "no answer"}).encode(), good[3]]  # line 6 is not even UTF-8
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rows, stats = load_rows(str(path))
+    assert [r["problem"] for r in rows] == ["q0", "q1", "q2", "q3"]
+    assert [r["id"] for r in rows] == ["train-0", "train-2", "train-6", "train-8"]  # ids stay the line index
+    assert stats == {"rows": 4, "skipped_no_answer": 1, "skipped_no_problem": 0, "skipped_bad_json": 3,
+                     "bad_lines": [2, 5, 6, 8]}
+    path.write_text('{"problem": "a", "answer": \n[]\n')
+    with pytest.raises(DataError, match=r"d\.jsonl.*no usable rows.*2 not a JSON object.*\[1, 2\]"):
+        load_rows(str(path))
+
+
+def test_read_jsonl_required_fields_columns_and_bad_line_cap(tmp_path):
+    from rl.data import MAX_BAD_LINES, read_jsonl
+
+    path = tmp_path / "x.jsonl"
+    body = [json.dumps({"messages": [{"role": "user", "content": "hi"}], "tag": 1, "tie": False}),
+            json.dumps({"messages": []}),
+            json.dumps({"messages": "x", "tie": None}), json.dumps({"messages": "y", "tie": True})]
+    path.write_text("\n".join(body + ["not json"] * 30) + "\n")
+    data = read_jsonl(str(path), required=("messages",), required_if_present=("tie", "absent"))
+    assert data.columns == ["messages", "tag", "tie"] and data.lines == [1, 4]
+    assert data.records[1] == {"messages": "y", "tag": None, "tie": True}  # every column, None where absent
+    assert data.stats["skipped_no_messages"] == 1 and data.stats["skipped_no_tie"] == 1  # False is a value
+    assert data.stats["skipped_bad_json"] == 30 and data.stats["lines"] == 34
+    assert data.stats["bad_lines"] == [2, 3, *range(5, 5 + MAX_BAD_LINES - 2)]  # the first MAX_BAD_LINES
+    with pytest.raises(DataError, match="no column 'prompt' in any row"):
+        read_jsonl(str(path), required=("prompt",))
+
+
 def test_load_rows_parquet(tmp_path):
     import pandas as pd
     path = tmp_path / "d.parquet"
@@ -152,7 +188,8 @@ def test_load_rows_parquet(tmp_path):
 @pytest.mark.skipif(not MATH500.is_file(), reason=f"{MATH500} not available (shared/ data beside the repo)")
 def test_load_rows_math500():
     rows, stats = load_rows(str(MATH500), split="test")
-    assert stats == {"rows": 500, "skipped_no_answer": 0, "skipped_no_problem": 0}
+    assert stats == {"rows": 500, "skipped_no_answer": 0, "skipped_no_problem": 0, "skipped_bad_json": 0,
+                     "bad_lines": []}
     assert len({r["id"] for r in rows}) == 500
     assert all(isinstance(r["answer"], str) and r["answer"] and r["problem"] for r in rows)
     assert "solution" in rows[0]  # other columns travel along

@@ -5,7 +5,11 @@ Slow (about a minute each): they start Ray actors and DeepSpeed process groups f
 import dataclasses
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -40,23 +44,47 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_zero2_checkpoint_and_resume_match_uninterrupted(tmp_path):
-    common = ("learner.num_ranks=2", "learner.zero_stage=2", "learner.micro_batch_size=2", "trainer.save_every=2",
-              "trainer.eval_at_start=false")
-    full = tmp_path / "full"
-    train(_cfg(full, "trainer.max_steps=4", *common))
+RESUMED = ("learner.num_ranks=2", "learner.zero_stage=2", "learner.micro_batch_size=2", "trainer.save_every=2",
+           "trainer.eval_at_start=false")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """4 steps of the RESUMED job in one go: what every interrupted-and-resumed run must reproduce."""
+    full = tmp_path_factory.mktemp("uninterrupted") / "full"
+    train(_cfg(full, "trainer.max_steps=4", *RESUMED))
+    return full
+
+
+def _mismatches(a: list[dict], b: list[dict]) -> list[tuple[int, str]]:
+    """(step, key) where two runs' metrics differ; [] when they are the same run."""
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
+    return [(ma["step"], key) for ma, mb in zip(a, b) for key in COMPARED
+            if ma[key] != pytest.approx(mb[key], rel=1e-4, abs=1e-6)]
+
+
+def test_two_ranks_zero2_checkpoint_and_resume_match_uninterrupted(uninterrupted, tmp_path, monkeypatch):
+    full = uninterrupted
     part = tmp_path / "part"
-    train(_cfg(part, "trainer.max_steps=2", *common))
-    resumed = train(_cfg(part, "trainer.max_steps=4", *common), resume=True)
+    train(_cfg(part, "trainer.max_steps=2", *RESUMED))
+    shutil.copytree(part, tmp_path / "unrestored", symlinks=True)  # the same stopped run, for the control below
+    resumed = train(_cfg(part, "trainer.max_steps=4", *RESUMED), resume=True)
     assert resumed["start_step"] == 2
 
     a, b = _metrics(full), _metrics(part)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
-    for ma, mb in zip(a, b):
-        for key in COMPARED:
-            assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), (ma["step"], key)
+    assert _mismatches(a, b) == []
     # The policy really learned something, so the comparison is not between two no-op runs.
     assert any(abs(m["loss"]) > 0 for m in a) and all(m["grad_norm"] > 0 for m in a)
+
+    # Negative control: the same resume with the data order not restored must fail that comparison (it would
+    # pass anyway if the metrics did not depend on what the checkpoint restores).
+    from rl.data import PromptSampler
+
+    monkeypatch.setattr(PromptSampler, "load_state_dict", lambda self, state: None)
+    train(_cfg(tmp_path / "unrestored", "trainer.max_steps=4", *RESUMED), resume=True)
+    monkeypatch.undo()
+    wrong = _mismatches(a, _metrics(tmp_path / "unrestored"))
+    assert wrong and min(step for step, _ in wrong) == 3, wrong  # steps 1-2 are the saved ones; 3 differs
 
     # Every promised artifact is there, and the final model loads with plain transformers.
     for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "curve_reward.png", "curve_accuracy.png"):
@@ -77,6 +105,52 @@ def test_two_ranks_zero2_checkpoint_and_resume_match_uninterrupted(tmp_path):
         for key in ("reward/boxed_format", "accuracy", "truncation_rate", "kl", "clip_fraction", "time_generate",
                     "time_reward", "time_train", "time_sync", "response_tokens_max"):
             assert key in m, key
+
+
+KILLED_IN_COMMIT = textwrap.dedent("""
+    import json, os, signal, sys
+    from rl import checkpoint
+
+    real = checkpoint.commit
+
+    def commit(tmp, step, state, keep):
+        if step == 4:  # step 4's shards and model are written; its state is half-written when the kill comes
+            (tmp / checkpoint.STATE_FILE).write_text(json.dumps(dict(state, step=step))[:25])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(tmp, step, state, keep)
+
+    checkpoint.commit = commit
+    from launch.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_resume_after_kill_9_of_the_driver_inside_a_checkpoint_write_matches_uninterrupted(uninterrupted, tmp_path):
+    """`reasonrl train` SIGKILLed inside step 4's checkpoint write (tests/test_faults.py kills a plain writer; this
+    is the run's own driver, its Ray cluster dying with it): the resume starts from step 2's checkpoint, trains
+    steps 3-4 again and logs exactly the uninterrupted run's metrics."""
+    out = tmp_path / "killed"
+    args = ["train", str(ROOT / "configs/tiny.yaml"), f"trainer.output_dir={out}", REWARDS,
+            f"reward.accuracy={FIXTURE}:char_length", "logging.progress=false", "trainer.max_steps=4", *RESUMED]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_COMMIT, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
+    from rl import checkpoint
+
+    assert (out / "checkpoints/.tmp-step-000004/deepspeed").is_dir()  # killed mid-write, half a checkpoint there
+    assert checkpoint.latest(out).name == "step-000002"
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]  # step 3 trained after the last checkpoint
+
+    resumed = train(_cfg(out, "trainer.max_steps=4", *RESUMED), resume=True)
+    assert resumed["start_step"] == 2
+    assert _mismatches(_metrics(uninterrupted), _metrics(out)) == []
+    assert checkpoint.latest(out).name == "step-000004" and not list((out / "checkpoints").glob(".tmp-*"))
+    prompts = [e for e in map(json.loads, (out / "events.jsonl").read_text().splitlines()) if e["event"] == "prompts"]
+    full = [e for e in map(json.loads, (uninterrupted / "events.jsonl").read_text().splitlines())
+            if e["event"] == "prompts"]
+    assert [e["ids"] for e in prompts] == [e["ids"] for e in full]  # no prompt replayed or skipped
 
 
 def test_resume_without_checkpoint_fails_before_starting_actors(tmp_path):

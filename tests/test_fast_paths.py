@@ -160,7 +160,13 @@ def test_one_step_off_policy_run_with_packing_and_continuous_batching(tmp_path):
         ray.shutdown()
     assert [m["staleness"] for m in fast] == [0, 1, 1] and [m["staleness"] for m in sync] == [0, 0, 0]
     assert fast_ids == sync_ids and fast_sampler == sync_sampler  # no prompt skipped, replayed or pre-counted
-    assert all(m["grad_norm"] > 0 and m["ratio_mean"] > 0 for m in fast)
+    assert all(m["grad_norm"] > 0 for m in fast)
+    # On-policy the learner's old log-probs are its own (detached): the importance ratio is exactly 1. A stale batch
+    # is weighed by the ratio to the log-probs it was sampled with, which an update has moved: never exactly 1
+    # (a learner ignoring staleness would report exactly 1 there too).
+    assert [m["ratio_mean"] == 1.0 for m in fast] == [True, False, False], [m["ratio_mean"] for m in fast]
+    assert all(m["ratio_mean"] == 1.0 for m in sync)
+    assert all(0.5 < m["ratio_mean"] < 2.0 for m in fast)  # off by the one update, not by garbage
     assert all(m["entropy"] == 0 for m in fast)  # continuous batching measures no entropies, and says so
 
 

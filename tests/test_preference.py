@@ -248,6 +248,20 @@ def test_load_pairs_skips_and_counts_missing_fields(tmp_path, tok):
         load_pairs(str(path), "train", tok)
 
 
+def test_load_pairs_skips_malformed_jsonl_lines_with_their_numbers(tmp_path, tok):
+    ok = json.dumps({"prompt": "a?", "chosen": "x", "rejected": "y", "tie": False})
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join([ok, '{"prompt": "b?", "chosen": "x",', ok, json.dumps({"prompt": "c?"}),
+                               json.dumps({"prompt": "d?", "chosen": 3.5, "rejected": {"x": 1}, "tie": True})]) + "\n")
+    pairs, stats = load_pairs(str(path), "train", tok)
+    assert len(pairs) == 2 and stats["read"] == 5
+    assert stats["skipped_bad_json"] == 1 and stats["skipped_no_chosen"] == 1 and stats["skipped_bad_format"] == 1
+    assert stats["bad_lines"] == [2, 4, 5]
+    path.write_text("{oops\n")
+    with pytest.raises(DataError, match=r"p\.jsonl.*no usable pairs.*1 not a JSON object"):
+        load_pairs(str(path), "train", tok)
+
+
 def test_config_errors_name_the_key(tmp_path):
     from rl.trainer import train
 

@@ -10,6 +10,8 @@ import pytest
 from rewards.isolation import IsolatedRewards, RewardResult, weighted_total
 from rewards.math import boxed_format, math_verify
 
+FAULTS = str(Path(__file__).resolve().parent / "fixtures" / "fault_paths.py")
+
 BAD_REWARDS = textwrap.dedent('''
     import math, os, time
 
@@ -17,11 +19,6 @@ BAD_REWARDS = textwrap.dedent('''
         if any("BOOM" in c for c in completions):
             raise RuntimeError("boom in reward")
         return [1.0] * len(completions)
-
-    def hang(prompts, completions, **kw):
-        if any("HANG" in c for c in completions):
-            time.sleep(3600)
-        return [float(len(c)) for c in completions]
 
     def weird(prompts, completions, **kw):
         table = {"NAN": math.nan, "INF": math.inf, "NONE": None, "STR": "x", "INT": 3}
@@ -69,18 +66,22 @@ def test_exception_only_failing_samples_zero(bad, caplog):
     assert any("boom in reward" in r.getMessage() for r in caplog.records)
 
 
-def test_hang_is_killed_and_worker_recovers(bad):
-    iso = IsolatedRewards([(bad("hang"), {})], timeout=2)
+def test_hang_is_killed_and_worker_recovers(tmp_path):
+    """Checked by what happened, not by the clock (a loaded machine stretches any time bound): the call log shows
+    each hang cut once, by killing its process, and the retry going sample by sample."""
+    calls = tmp_path / "calls"
+    name = f"{FAULTS}:log_calls"
+    iso = IsolatedRewards([(name, {"log_file": str(calls)})], timeout=2)
     try:
-        iso.start()  # startup is not part of the timed calls
-        comps = ["a", "bb", "HANG", "dddd", "eeeee"]
-        t0 = time.monotonic()
-        res = iso.score(["p"] * 5, comps, {})
-        elapsed = time.monotonic() - t0
-        name = bad("hang")
+        res = iso.score(["p"] * 5, ["a", "bb", "HANG", "dddd", "eeeee"], {})
         assert res.scores[name] == [1.0, 2.0, 0.0, 4.0, 5.0]
         assert res.timeouts[name] == 1 and res.failures[name] == 1
-        assert elapsed < 10, elapsed  # chunk timeout (2 s) + at most one shared retry budget (2 s) + restarts
+        log = [line.split() for line in calls.read_text().splitlines()]
+        # (samples, hangs) per call: the whole chunk, then one by one; the hanging sample once more, not again.
+        assert [(int(n), int(h)) for _, n, h in log] == [(5, 1), (1, 0), (1, 0), (1, 1), (1, 0), (1, 0)]
+        pids = [pid for pid, _, _ in log]
+        # Each hung process was killed and replaced (had it been waited out, the next call would share its pid).
+        assert pids[0] != pids[1] == pids[2] == pids[3] != pids[4] == pids[5]
         res2 = iso.score(["p"] * 2, ["x", "yy"], {})  # the respawned worker keeps serving
         assert res2.scores[name] == [1.0, 2.0] and res2.failures[name] == 0
     finally:
@@ -145,24 +146,26 @@ def test_hung_child_dies_with_its_parent(tmp_path):
     import sys
     import textwrap
 
-    hang = tmp_path / "hang.py"
-    hang.write_text("import time\ndef hang(prompts, completions, **kw):\n    time.sleep(1000)\n")
+    pid_file = tmp_path / "reward-pid"
     root = str(Path(__file__).resolve().parent.parent)
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys; sys.path.insert(0, {root!r})
         from rewards.isolation import IsolatedRewards
-        IsolatedRewards([({str(hang)!r} + ":hang", {{}})], timeout=None).score(["p"], ["c"], {{}})
+        IsolatedRewards([({FAULTS!r} + ":hang_and_report", {{"pid_file": {str(pid_file)!r}}})],
+                        timeout=None).score(["p"], ["c"], {{}})
     """)])
-    deadline = time.time() + 60
-    children = []
-    while time.time() < deadline and len(children) < 1:
-        out = subprocess.run(["pgrep", "-P", str(owner.pid)], capture_output=True, text=True).stdout.split()
-        children = [int(pid) for pid in out]
-        time.sleep(0.5)
-    assert children, "the reward child never started"
-    time.sleep(3)  # let it reach the hanging call
-    owner.kill()
-    owner.wait()
+    try:
+        # The reward itself says it is hanging, and where: not a guess among the owner's children (the spawn
+        # context's resource tracker is one too, and it exits on its own).
+        deadline = time.time() + 120
+        while not pid_file.exists() and owner.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), "the reward never started hanging"
+        child = int(pid_file.read_text())
+        assert open(f"/proc/{child}/stat").read().split()[3] == str(owner.pid)  # the owner's reward process
+    finally:
+        owner.kill()
+        owner.wait()
 
     def alive(pid):
         try:
@@ -170,7 +173,7 @@ def test_hung_child_dies_with_its_parent(tmp_path):
         except FileNotFoundError:
             return False
 
-    deadline = time.time() + 10
-    while time.time() < deadline and any(alive(p) for p in children):
-        time.sleep(0.2)
-    assert not any(alive(p) for p in children)
+    deadline = time.time() + 60  # the kernel's SIGKILL (PR_SET_PDEATHSIG) comes at once; this only bounds a failure
+    while time.time() < deadline and alive(child):
+        time.sleep(0.1)
+    assert not alive(child)

@@ -113,3 +113,21 @@ def test_load_weights_changes_the_policy_and_rejects_foreign_state(worker):
     worker.load_weights(original, version=5)
     assert worker.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=6, greedy=True), seed=0).logprobs == \
         before.logprobs
+
+
+def test_a_fresh_worker_refuses_to_generate_with_weights_it_does_not_hold():
+    """What a rollout worker Ray recreated does when asked for the run's current weights version: it refuses
+    (StaleWeightsError, which rl.watchdog.call_all answers by resyncing it and asking again), instead of sampling
+    from its initial weights."""
+    from rl.watchdog import StaleWeightsError
+
+    fresh = RolloutWorker(resolve_model("tiny:llama"), num_threads=1)
+    params = SamplingParams(n=1, max_new_tokens=4, greedy=True)
+    with pytest.raises(StaleWeightsError, match="holds weights version 0, expected 2"):
+        fresh.generate(PROMPTS, params, seed=0, expect_version=2)
+    with pytest.raises(StaleWeightsError, match="not in the weight-sync group"):
+        fresh.receive_weights(2)  # nor can it join a broadcast it was never made a member of
+    assert fresh.weights_version == 0
+    state = {n: p.detach().numpy().copy() for n, p in fresh.model.named_parameters()}
+    fresh.load_weights(state, version=2)  # the driver's refill (rl.weights.WeightSync.restore)
+    assert len(fresh.generate(PROMPTS, params, seed=0, expect_version=2).response_ids) == 2

@@ -8,15 +8,17 @@ from __future__ import annotations
 from typing import Callable
 
 from rl.config import Config, ConfigError
+from rl.steps.adaptive import policy_step
 from rl.steps.base import Run, Step
-from rl.steps.policy import PolicyGradientStep
 from rl.steps.preference import preference_step
+from rl.steps.sft import SftStep
 
 STEPS: dict[str, Callable[[Config], Step]] = {
-    "grpo": PolicyGradientStep,
-    "fgo": PolicyGradientStep,
+    "grpo": policy_step,  # rl/steps/policy.py; rl/steps/adaptive.py when dynamic sampling or GDRO is on
+    "fgo": policy_step,
     "todo": preference_step,  # online or offline by algorithm.todo.online
     "dpo": preference_step,
+    "sft": SftStep,  # supervised cold start on data.train
 }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from rl.config import Config
 from rl.contracts import RolloutBatch
 from rl.metrics import MetricsLogger, summarize
-from rl.prompts import prepare_prompts
+from rl.prompts import held_out_rows, prepare_prompts
 from rl.scoring import ScoredBatch, score_batch
 
 ROLLOUT_ROLES = ("rollout", "reward", "learner")
@@ -50,8 +50,8 @@ class Run:
     def generate(self, prompts: list[str], params, seed: int) -> RolloutBatch:
         return self.rollouts.generate(prompts, params, seed, weights=self.weights)
 
-    def score(self, rows: list[dict], batch: RolloutBatch, group_size: int) -> ScoredBatch:
-        """The configured rewards on `batch` (group_size samples per row, contiguous)."""
+    def score(self, rows: list[dict], batch: RolloutBatch, group_size: int | list[int]) -> ScoredBatch:
+        """The configured rewards on `batch` (group_size samples per row, contiguous; or each row's own count)."""
         r = self.cfg.reward
         return score_batch(self.rewards, rows, [row["prompt"] for row in rows], batch, group_size,
                            {f.fn: f.weight for f in r.functions}, r.accuracy, self.cfg.data.answer_key)
@@ -69,11 +69,28 @@ class Step:
 
     def items(self, tokenizer) -> tuple[list, dict]:
         """What the sampler draws from, and counts of what was read and skipped. Default: the training prompts."""
-        return prepare_prompts(self.cfg, tokenizer, self.cfg.data.train, self.cfg.data.train_split)
+        return prepare_prompts(self.cfg, tokenizer, self.cfg.data.train, self.cfg.data.train_split,
+                               limit=self.cfg.data.train_limit)
 
     @property
     def per_step(self) -> int:
         return self.cfg.rollout.prompts_per_step
+
+    def describe(self) -> str:
+        """What one step consumes, in words (the dry run prints it)."""
+        r = self.cfg.rollout
+        return f"{self.per_step} prompts x {r.group_size} samples of <= {r.max_new_tokens} tokens"
+
+    def make_sampler(self, items: list):
+        """The resumable sampler the lifecycle draws the step's items from (default: seeded epochs of every item,
+        rl.data.PromptSampler; a step kind may draw otherwise, e.g. Prompt-GDRO in rl/steps/adaptive.py)."""
+        from rl.data import PromptSampler
+
+        return PromptSampler(items, seed=self.cfg.trainer.seed, shuffle=self.cfg.data.shuffle)
+
+    def held_out(self, tokenizer) -> list[dict]:
+        """Prompt rows of the lifecycle's held-out task accuracy (rollout + verifier); [] skips it."""
+        return held_out_rows(self.cfg, tokenizer, self.cfg.data.eval_size)
 
     def start(self, run: Run) -> dict:
         """After the actors started and the checkpoint (if any) was restored; returns entries for the summary."""

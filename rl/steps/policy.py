@@ -48,6 +48,12 @@ def fgo_entropies(batch: RolloutBatch, kind: str) -> torch.Tensor:
     return sampled_token_entropy(pad_values(lp, width).double(), pad_values([[1.0] * len(x) for x in lp], width))
 
 
+# The learner statistics of a step that trained on nothing (rl.updates.policy_update's keys).
+NO_UPDATE = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0,
+             "lr": float("nan"), "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0, "logprob_diff_tokens": 0.0,
+             "tis_weight_sum": 0.0}
+
+
 class PolicyGradientStep(Step):
     def start(self, run: Run) -> dict:
         self.pipeline = RolloutPipeline(run, self.per_step)
@@ -64,13 +70,35 @@ class PolicyGradientStep(Step):
         t1 = time.perf_counter()
         scored = run.score(rows, batch, G)
         advantages, algo_stats = compute_advantages(cfg, scored, batch)
+        algo_stats["zero_adv_groups"] = float(zero_advantage_groups(advantages, G).float().mean())
         t2 = time.perf_counter()
-        sequences = [TrainSequence(p, r, lp, float(a)) for p, r, lp, a in
-                     zip(batch.prompt_ids, batch.response_ids, batch.logprobs, advantages)]
-        # A stale rollout came from older weights: the ratio to its own log-probs is the importance weight.
-        stats = run.learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens,
-                                  on_policy=not staleness)
-        run.updated(step)
+        return self.update(run, step, rows, batch, scored, advantages, algo_stats, staleness,
+                           time_generate=t1 - t0, time_reward=t2 - t1)
+
+    def update(self, run: Run, step: int, rows: list[dict], batch: RolloutBatch, scored: ScoredBatch,
+               advantages: torch.Tensor, algo_stats: dict, staleness: int = 0, train: bool = True,
+               **times: float) -> dict:
+        """Train on one scored rollout batch, bring the rollout workers to the new weights, and return the step's
+        metrics row (`algo_stats` and `times` go into it as they are). Shared with rl/steps/adaptive.py, whose
+        `train=False` (no group varied) logs the batch without an update."""
+        cfg = self.cfg
+        t2 = time.perf_counter()
+        keep = range(len(batch))
+        if cfg.algorithm.overlong_filter:
+            # DAPO's overlong filtering (Yu et al. 2025, section 3.4): a truncated response is not known to be
+            # wrong, only unfinished, so its reward is noise; it leaves the loss and its denominators entirely
+            # (its reward still entered its group's baseline above).
+            keep = [i for i, why in enumerate(batch.finish_reason) if why != "length"]
+            algo_stats["overlong_filtered"] = len(batch) - len(keep)
+        sequences = [TrainSequence(batch.prompt_ids[i], batch.response_ids[i], batch.logprobs[i],
+                                   float(advantages[i])) for i in keep] if train else []
+        if sequences:
+            # A stale rollout came from older weights: the ratio to its own log-probs is the importance weight.
+            stats = run.learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens,
+                                      on_policy=not staleness)
+            run.updated(step)
+        else:  # nothing left to learn from (all truncated, or no varying group): the weights stay as they are
+            stats = dict(NO_UPDATE)
         t3 = time.perf_counter()
         self.pipeline.settle()  # the in-flight rollout must finish on the old weights before they are replaced
         t_settled = time.perf_counter()
@@ -81,11 +109,16 @@ class PolicyGradientStep(Step):
         row = {"loss": stats["loss"], **rollout_metrics(batch, scored),
                "kl": stats["kl_sum"] / max(1.0, stats["tokens"]),
                "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
-               "zero_adv_groups": float(zero_advantage_groups(advantages, G).float().mean()),
                "grad_norm": stats["grad_norm"], "lr": stats["lr"], **algo_stats}
-        row.update(time_generate=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_rollout_wait=t_settled - t3,
+        row.update(**times, time_train=t3 - t2, time_rollout_wait=t_settled - t3,
                    time_sync=t4 - t_settled, staleness=staleness,
-                   ratio_mean=stats["ratio_sum"] / max(1.0, stats["tokens"]))
+                   ratio_mean=stats["ratio_sum"] / max(1.0, stats["tokens"]),
+                   # Training-inference mismatch (rl.updates.policy_update): ~0 when rollout and learner compute
+                   # the same numbers, larger for an engine whose kernels or precision differ.
+                   logprob_diff_mean=stats["logprob_diff_sum"] / max(1.0, stats["logprob_diff_tokens"]),
+                   logprob_diff_max=stats["logprob_diff_max"])
+        if cfg.algorithm.tis_cap is not None:
+            row["tis_weight_mean"] = stats["tis_weight_sum"] / max(1.0, stats["tokens"])
         return row
 
     def finish(self, run: Run) -> dict:

@@ -35,18 +35,18 @@ class PreferenceStep(Step):
         for key, source in (("train_data", t.train_data if not t.online else None), ("eval_data", t.eval_data)):
             if source and Path(source).suffix in (".jsonl", ".json", ".parquet") and not Path(source).is_file():
                 raise ConfigError(f"config key 'algorithm.todo.{key}': file {source!r} does not exist")
-        self.held_out = read_pairs(self.cfg, tokenizer, t.eval_data, t.eval_split, t.eval_size)[0] \
+        self.held_out_pairs = read_pairs(self.cfg, tokenizer, t.eval_data, t.eval_split, t.eval_size)[0] \
             if t.eval_data else []
 
     def start(self, run: Run) -> dict:
-        if self.held_out and run.start_step == 0:  # the start value: policy = reference, every margin 0
+        if self.held_out_pairs and run.start_step == 0:  # the start value: policy = reference, every margin 0
             return {"pref_eval_start": self._evaluate(run, 0, "start")}
         return {}
 
     def _evaluate(self, run: Run, step: int, when: str) -> dict:
         t = self.cfg.algorithm.todo
-        logps = run.learner.preference_logps(self.held_out)
-        result = {"step": step, **preference_metrics(logps, [p.tie for p in self.held_out], t.beta, t.alpha)}
+        logps = run.learner.preference_logps(self.held_out_pairs)
+        result = {"step": step, **preference_metrics(logps, [p.tie for p in self.held_out_pairs], t.beta, t.alpha)}
         run.metrics.log_event("pref_eval", result)
         print(f"held-out preference accuracy at {when}: tobt {result['tobt_acc']:.3f} sign "
               f"{result.get('sign_acc', float('nan')):.3f} (pairs={result['pairs']}, ties={result['ties']})",
@@ -56,7 +56,7 @@ class PreferenceStep(Step):
     def _maybe_evaluate(self, run: Run, step: int, row: dict) -> None:
         """Held-out pairs every `algorithm.todo.eval_every` steps and after the last one (the run's end value)."""
         every, last = self.cfg.algorithm.todo.eval_every, self.cfg.trainer.max_steps
-        if self.held_out and ((every and step % every == 0) or step == last):
+        if self.held_out_pairs and ((every and step % every == 0) or step == last):
             result = self._evaluate(run, step, "end" if step == last else f"step {step}")
             row.update({f"pref_eval/{k}": v for k, v in result.items() if k != "step"})
             if step == last:
@@ -89,6 +89,9 @@ class OfflinePreferenceStep(PreferenceStep):
     @property
     def per_step(self) -> int:
         return self.cfg.algorithm.todo.pairs_per_step
+
+    def describe(self) -> str:
+        return f"{self.per_step} preference pairs of algorithm.todo.train_data"
 
     def run(self, run: Run, step: int, pairs: list) -> dict:
         t0 = time.perf_counter()

@@ -1,0 +1,58 @@
+"""`reasonrl testbed`: write the verbose-reasoner testbed (rl/testbed.py) into a folder.
+
+rl.testbed and the tokenizer are imported inside the handler, so `reasonrl --help` stays instant.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rl.config import ConfigError
+
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+
+
+def _testbed(args) -> int:
+    from rl.models import load_tokenizer, resolve_model
+    from rl.testbed import DEFAULT_DIFFICULTY, DIFFICULTIES, generate
+
+    if args.difficulty is None:
+        args.difficulty = DEFAULT_DIFFICULTY
+    if args.difficulty not in DIFFICULTIES:
+        raise ConfigError(f"--difficulty must be one of {sorted(DIFFICULTIES)}, got {args.difficulty}")
+    if args.max_redundant < args.min_redundant:
+        raise ConfigError(f"--max-redundant {args.max_redundant} is below --min-redundant {args.min_redundant}")
+    # minimal_tokens are counted in the tokens of the model that will be fine-tuned.
+    tokenizer = load_tokenizer(resolve_model(args.model))
+    summary = generate(args.out, tokenizer, seed=args.seed, difficulty=args.difficulty, sft=args.sft,
+                       train=args.train, heldout=args.heldout, max_redundant=args.max_redundant,
+                       min_redundant=args.min_redundant)
+    t = summary["tokens"]
+    print(json.dumps({"space": summary["space"], "minimal_tokens_mean": t["minimal"].get("mean"),
+                      "sft_completion_tokens_mean": t["sft_completion"].get("mean"),
+                      "sft_over_minimal_mean": t["sft_over_minimal"].get("mean"),
+                      "sft_at_least_twice_minimal": t["sft_at_least_twice_minimal"],
+                      "sft_redundant_steps": summary["sft_redundant_steps"],
+                      "sft_modal_path": " > ".join(f"{k} ({p:.2f})" for k, p in summary["sft_modal_path"])}, indent=2))
+    print(f"testbed in {Path(args.out).resolve()}: sft.jsonl, train.jsonl, heldout.jsonl, testbed.json")
+    return 0
+
+
+def add_testbed_command(sub) -> None:
+    tb = sub.add_parser("testbed", help="write the verbose-reasoner testbed: SFT solutions with redundant steps, "
+                        "RL training and held-out problems whose steps `count_steps` can tell apart")
+    tb.add_argument("--out", required=True, help="output folder (files are replaced)")
+    tb.add_argument("--seed", type=int, default=0)
+    # Defaults of None are rl.testbed's own (not imported here: rewards/ pulls in math-verify and sympy).
+    tb.add_argument("--difficulty", type=int, default=None,
+                    help="0: 3-digit sums, 1: 4-digit +/-, 2: 5-digit +/-, 3: 2-digit x 2-digit products "
+                    "(the default), 4: 3-digit x 2-digit products")
+    tb.add_argument("--sft", type=int, default=2800, help="SFT solutions (prompt/completion)")
+    tb.add_argument("--train", type=int, default=1000, help="RL training problems")
+    tb.add_argument("--heldout", type=int, default=200, help="held-out problems (eval with --benchmarks FILE)")
+    tb.add_argument("--max-redundant", type=int, default=4, help="at most k redundant steps per SFT solution")
+    tb.add_argument("--min-redundant", type=int, default=1,
+                    help="at least this many (default 1: verbosity is the mode of the SFT data)")
+    tb.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer counts minimal_tokens (the model to "
+                    "fine-tune; default %(default)s)")
+    tb.set_defaults(handler=_testbed)

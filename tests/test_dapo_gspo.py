@@ -1,0 +1,194 @@
+"""DAPO's dynamic sampling and overlong filtering, and GSPO's sequence-level ratio, against hand computation."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rl.algorithms import importance_log_weights, policy_loss
+from rl.config import ConfigError, load_config
+from rl.groups import dynamic_sampling, group_variances, is_varying
+
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+# -------------------------------------------------------------------------------------------- dynamic sampling
+def _drawer(groups):
+    """draw(k) over a fixed list of hand-made reward groups (size 4), recording how many were asked each round."""
+    asked, it = [], iter(groups)
+
+    def draw(k):
+        asked.append(k)
+        return group_variances([r for _ in range(k) for r in next(it)], [4] * k)
+    return draw, asked
+
+
+def test_constant_is_a_variance_threshold_not_equality():
+    # Float rewards equal up to rounding are constant (GRPO's std scaling would turn the noise into +-1 advantages);
+    # a real continuous spread is not.
+    noisy = [0.1 + 0.2, 0.3, 0.30000000000000004, 0.3 + 1e-12]
+    assert len(set(noisy)) > 1 and not is_varying(group_variances(noisy, [4])[0], 1e-6)
+    assert is_varying(group_variances([0.30, 0.31, 0.30, 0.32], [4])[0], 1e-6)
+    assert group_variances([1.0, 0.0, 1.0, 2.0, 5.0], [2, 3]) == [pytest.approx(0.25), pytest.approx(26 / 9)]
+    assert group_variances([3.0], [1]) == [0.0]
+
+
+def test_dynamic_sampling_fills_the_step_with_varying_groups():
+    const, vary = [1.0] * 4, [0.0, 1.0, 0.0, 0.0]
+    cont = [0.5, 0.52, 0.5, 0.5]  # continuous rewards: varies
+    draw, asked = _drawer([const, vary, const,  # round 1: 3 drawn, 1 kept
+                           cont, const,  # round 2: the 2 missing drawn, 1 kept
+                           vary])  # round 3: the 1 missing
+    sel = dynamic_sampling(draw, need=3, max_extra=10, min_variance=1e-6)
+    assert asked == [3, 2, 1]
+    assert sel.kept == [1, 3, 5] and sel.dropped == [0, 2, 4]
+    assert (sel.rounds, sel.drawn, sel.capped) == (3, 6, False)
+
+
+def test_dynamic_sampling_stops_at_its_cap():
+    const = [0.25] * 4
+    draw, asked = _drawer([const, [0.0, 1.0, 1.0, 1.0], const, const, const, const])
+    sel = dynamic_sampling(draw, need=2, max_extra=3, min_variance=1e-6)
+    # Round 1 draws 2 (one varies), then one at a time: at most 3 extra groups in all.
+    assert asked == [2, 1, 1, 1] and sel.drawn == 5
+    assert sel.kept == [1] and sel.dropped == [0, 2, 3, 4] and sel.capped
+    draw, asked = _drawer([const, const])
+    sel = dynamic_sampling(draw, need=2, max_extra=0, min_variance=1e-6)
+    assert asked == [2] and sel.kept == [] and sel.capped  # no extra draws allowed: the step has no varying group
+    draw, asked = _drawer([[0.0, 1.0, 0.0, 1.0]] * 2)
+    sel = dynamic_sampling(draw, need=2, max_extra=0, min_variance=1e-6)
+    assert sel.kept == [0, 1] and not sel.capped
+
+
+# ---------------------------------------------------------------------------------------------- overlong filter
+class _Learner:
+    def __init__(self):
+        self.calls = []
+
+    def train(self, sequences, mini_batches, max_len, on_policy=True):
+        self.calls.append(sequences)
+        return {"loss": 1.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": float(len(sequences)),
+                "tokens": float(len(sequences)), "grad_norm": 1.0, "lr": 1e-4, "logprob_diff_sum": 0.0,
+                "logprob_diff_max": 0.0, "logprob_diff_tokens": 1.0, "tis_weight_sum": 0.0}
+
+
+def _update(cfg, finish_reason):
+    from rl.contracts import RolloutBatch
+    from rl.scoring import ScoredBatch
+    from rewards.isolation import RewardResult
+    from rl.steps.policy import PolicyGradientStep
+
+    n = len(finish_reason)
+    batch = RolloutBatch([[1]] * n, [[2, 3]] * n, [[-0.5, -0.5]] * n, [0.0] * n, list(finish_reason), ["ab"] * n)
+    scored = ScoredBatch([float(i) for i in range(n)], [0.0] * n, RewardResult({"r": [float(i) for i in range(n)]}))
+    learner = _Learner()
+    run = SimpleNamespace(cfg=cfg, learner=learner, sync=lambda: None, updated=lambda s: None,
+                          metrics=SimpleNamespace(log_event=lambda *a: None))
+    step = PolicyGradientStep(cfg)
+    step.pipeline = SimpleNamespace(settle=lambda: None)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:n]
+    row = step.update(run, 1, [{"prompt": "p"}], batch, scored, adv, {}, 0, time_generate=0.0, time_reward=0.0)
+    return row, learner.calls
+
+
+def test_overlong_filter_masks_truncated_responses():
+    cfg = load_config(None, ["algorithm.overlong_filter=true", "logging.sample_every=0"])
+    row, calls = _update(cfg, ["stop", "length", "stop", "length"])
+    assert row["overlong_filtered"] == 2
+    # Only the finished responses reach the learner (so they alone make the loss and its token counts), with the
+    # advantages computed over the whole group.
+    assert [s.advantage for s in calls[0]] == [1.0, 0.5]
+    row, calls = _update(cfg, ["length"] * 4)
+    assert calls == [] and row["loss"] == 0.0 and row["grad_norm"] == 0.0  # nothing left: no update at all
+    off = load_config(None, ["logging.sample_every=0"])
+    row, calls = _update(off, ["stop", "length", "stop", "length"])
+    assert [s.advantage for s in calls[0]] == [1.0, -1.0, 0.5, -0.5] and "overlong_filtered" not in row
+
+
+# ----------------------------------------------------------------------------------------------------- GSPO
+def _batch():
+    """Two responses (3 and 2 tokens, one padded position), log pi - log pi_old chosen by hand."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, 0.0]], dtype=torch.float64)
+    d = torch.tensor([[0.001, -0.0005, 0.0008], [0.002, 0.001, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    new = (old + d).clone().requires_grad_(True)
+    return new, old, mask, torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+
+def _loss_and_grad(level, agg, on_policy=False, clip=(3e-4, 4e-4)):
+    new, old, mask, adv = _batch()
+    loss, stats = policy_loss(new, new.detach() if on_policy else old, adv, mask, clip_low=clip[0],
+                              clip_high=clip[1], loss_agg=agg, num_tokens=5, num_seqs=2, max_len=3,
+                              importance_sampling_level=level)
+    loss.backward()
+    return loss.detach(), new.grad, stats
+
+
+def test_gspo_sequence_ratio_and_clip_by_hand():
+    s0 = math.exp((0.001 - 0.0005 + 0.0008) / 3)  # 1.000433: above 1 + 4e-4, clipped (A > 0)
+    s1 = math.exp((0.002 + 0.001) / 2)  # 1.0015: clipped too
+    new, old, mask, _ = _batch()
+    w = importance_log_weights(torch.where(mask.bool(), new - old, 0.0), new, mask, "sequence").exp()
+    assert w[0, :3].tolist() == pytest.approx([s0] * 3, abs=1e-12) and w[1, :2].tolist() == pytest.approx([s1] * 2)
+    # Wider clip range: seq 0 inside, seq 1 clipped. Loss (seq-mean-token-mean) = mean_i -min(s_i A_i, clip(s_i) A_i).
+    loss, grad, stats = _loss_and_grad("sequence", "seq-mean-token-mean", clip=(3e-4, 1e-3))
+    assert float(loss) == pytest.approx(-(s0 * 1.0 + (1 + 1e-3) * 2.0) / 2, abs=1e-12)
+    # d/d log pi_t of -s_0 A_0 / 2 is -A_0 s_0 / |y_0| / 2 on each of its tokens; the clipped sequence gives none.
+    assert grad[0].tolist() == pytest.approx([-s0 / 3 / 2] * 3, abs=1e-12)
+    assert grad[1].tolist() == [0.0, 0.0, 0.0]
+    assert float(stats["clipped_tokens"]) == 2  # both tokens of sequence 1
+    # GSPO's own clip range (3e-4 / 4e-4) clips both: no gradient at all.
+    loss, grad, _ = _loss_and_grad("sequence", "seq-mean-token-mean")
+    assert float(loss) == pytest.approx(-(1 + 4e-4) * 1.5, abs=1e-12) and not grad.any()
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_gspo_token_equals_gspo_with_sequence_advantages(agg):
+    for clip in ((3e-4, 4e-4), (3e-4, 1e-3), (0.2, 0.28)):
+        a = _loss_and_grad("sequence", agg, clip=clip)
+        b = _loss_and_grad("sequence_token", agg, clip=clip)
+        assert float(a[0]) == pytest.approx(float(b[0]), abs=1e-14)
+        assert torch.allclose(a[1], b[1], atol=1e-14)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_gspo_equals_grpo_on_policy(agg):
+    grpo = _loss_and_grad("token", agg, on_policy=True)
+    for level in ("sequence", "sequence_token"):
+        gspo = _loss_and_grad(level, agg, on_policy=True)
+        assert float(gspo[0]) == pytest.approx(float(grpo[0]), abs=1e-14)
+        assert torch.allclose(gspo[1], grpo[1], atol=1e-14), level
+        assert float(gspo[2]["ratio_sum"]) == float(grpo[2]["ratio_sum"]) == 5.0
+    assert grpo[1].abs().sum() > 0
+
+
+def test_sequence_token_is_finite_next_to_padding_minus_inf():
+    new, old, mask, adv = _batch()
+    lp = torch.where(mask.bool(), new.detach(), torch.tensor(float("-inf"), dtype=new.dtype)).requires_grad_(True)
+    loss, _ = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, num_tokens=5, num_seqs=2,
+                          importance_sampling_level="sequence_token")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+
+
+def test_clip_defaults_follow_the_importance_sampling_level():
+    a = load_config(None).algorithm
+    assert (a.importance_sampling_level, a.clip_low, a.clip_high) == ("token", 0.2, 0.28)
+    a = load_config(None, ["algorithm.importance_sampling_level=sequence"]).algorithm
+    assert (a.clip_low, a.clip_high) == (3e-4, 4e-4)  # GSPO paper v2 section 5.1, TRL's GSPO recipe
+    a = load_config(None, ["algorithm.importance_sampling_level=sequence_token", "algorithm.clip_high=1e-3"]).algorithm
+    assert (a.clip_low, a.clip_high) == (3e-4, 1e-3)
+    with pytest.raises(ConfigError, match="algorithm.importance_sampling_level"):
+        load_config(None, ["algorithm.importance_sampling_level=sentence"])
+
+
+def test_adaptive_settings_refuse_what_cannot_work():
+    for key in ("algorithm.dynamic_sampling=true", "data.sampler=gdro", "rollout.allocation=gdro"):
+        with pytest.raises(ConfigError, match="max_staleness 0"):
+            load_config(None, [key, "trainer.max_staleness=1"])
+        with pytest.raises(ConfigError, match="grpo/fgo"):
+            load_config(None, [key, "algorithm.name=sft"])
+    with pytest.raises(ConfigError, match="rollout.gdro.max_group_size"):
+        load_config(None, ["rollout.allocation=gdro", "rollout.group_size=4", "rollout.gdro.max_group_size=3"])
+    cfg = load_config(None, ["algorithm.dynamic_sampling=true", "rollout.prompts_per_step=5"])
+    assert cfg.algorithm.dynamic_sampling_max_extra == 15  # resolved, so the dumped config says what was used
