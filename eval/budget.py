@@ -10,8 +10,6 @@ Token counts include the EOS, as everywhere in reasonrl.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 SMALLEST = 64  # the first budget of the grid
@@ -42,25 +40,3 @@ def accuracy_at_budget(records: list[dict], budget: int | None = None) -> dict[s
                                 for r in rs]) for rs in problems.values()]
         out[str(b)] = float(np.mean(per_problem))
     return out
-
-
-def plot_accuracy_at_budget(curves: dict[str, dict[str, float]], name: str, path: Path) -> Path:
-    """One line per model ({label: accuracy_at_budget}) against the budget on a log2 axis."""
-    from matplotlib.figure import Figure  # Agg through Figure, as in eval.plots: the global backend is left alone
-
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    ax = fig.add_subplot()
-    for (label, curve), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-        xs = sorted(int(b) for b in curve)
-        ys = [curve[str(b)] for b in xs]
-        ax.plot(xs, ys, marker="o", color=color, label=f"{label} ({100 * ys[-1]:.1f}% at {xs[-1]})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("token budget B (response finished within B tokens)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"{name}: accuracy at budget")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path

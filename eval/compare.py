@@ -84,16 +84,15 @@ def compare(a_dir: str | Path, b_dir: str | Path, out: str | Path | None = None,
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out / "compare.md", table)
     if plots:
-        from eval.budget import plot_accuracy_at_budget
-        from eval.plots import accuracy_vs_tokens, token_histogram
+        from eval.plots import accuracy_at_budget, accuracy_vs_tokens, token_histogram
 
         results["plots"] = []
         for name in results["benchmarks"]:
             results["plots"].append(str(token_histogram(rec_a[name], rec_b[name], name, out / f"tokens_{name}.png")))
             results["plots"].append(str(accuracy_vs_tokens(rec_a[name], rec_b[name], name,
                                                            out / f"accuracy_vs_tokens_{name}.png")))
-            r = results["benchmarks"][name]  # every compared model on one frontier plot (eval.budget)
-            results["plots"].append(str(plot_accuracy_at_budget(
+            r = results["benchmarks"][name]  # every compared model on one frontier plot
+            results["plots"].append(str(accuracy_at_budget(
                 {"A": r["a"]["accuracy_at_budget"], "B": r["b"]["accuracy_at_budget"]}, name,
                 out / f"accuracy_at_budget_{name}.png")))
         write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")

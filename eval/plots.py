@@ -47,9 +47,26 @@ def accuracy_vs_tokens(rec_a: list[dict], rec_b: list[dict], name: str, path: Pa
         ax.errorbar([tok.mean()], [acc.mean()], yerr=[[acc.mean() - lo], [hi - acc.mean()]], fmt="o", markersize=9,
                     color=color, capsize=4, label=f"{label}: {100 * acc.mean():.1f}% at {tok.mean():.0f} tokens")
     ax.set_xlabel("mean response tokens (per problem)")
+    return _save_accuracy_plot(fig, ax, f"{name}: accuracy vs tokens", path)
+
+
+def accuracy_at_budget(curves: dict[str, dict[str, float]], name: str, path: Path) -> Path:
+    """One line per model ({label: accuracy_at_budget}) against the budget on a log2 axis: a method that only
+    truncates moves along the curve, one that compresses moves it up and left."""
+    fig, ax = _figure()
+    for (label, curve), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        xs = sorted(int(b) for b in curve)
+        ys = [curve[str(b)] for b in xs]
+        ax.plot(xs, ys, marker="o", color=color, label=f"{label} ({100 * ys[-1]:.1f}% at {xs[-1]})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token budget B (response finished within B tokens)")
+    return _save_accuracy_plot(fig, ax, f"{name}: accuracy at budget", path)
+
+
+def _save_accuracy_plot(fig, ax, title: str, path: Path) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"{name}: accuracy vs tokens")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()

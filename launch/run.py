@@ -47,11 +47,15 @@ def quiet_library_progress() -> None:
     through rl.cluster.init_ray. A user who set HF_HUB_DISABLE_PROGRESS_BARS either way is obeyed."""
     if "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
         return
+    import datasets
     from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging  # heavy; train_run imports it anyway
 
     hf_logging.disable_progress_bar()  # also switches the hub's bars off...
     enable_progress_bars()  # ...which downloads keep
+    # datasets prints "Generating train split" bars for every local JSONL it reads (a hub dataset's download bar goes
+    # with them; the run logs what it read, and datasets caches a download).
+    datasets.disable_progress_bars()
 
 
 def train_run(cfg: Config, resume: bool = False, step_callback=None) -> dict:

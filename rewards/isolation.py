@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import RewardSpecError
+from rewards.registry import RewardSpecError
 
 log = logging.getLogger("reasonrl.rewards")
 MAX_LOG_CHARS = 500  # a log message longer than this is cut (see CapMessages)
@@ -137,7 +137,7 @@ def _stack_dump_on_sigusr1() -> None:
 
 
 def _child_main(conn, specs) -> None:
-    from rewards import resolve
+    from rewards.registry import resolve  # importing it runs rewards/__init__.py, which registers the built-ins
 
     _die_with_parent()
     _stack_dump_on_sigusr1()

@@ -20,15 +20,13 @@ import math
 from collections import defaultdict
 from typing import Callable
 
-from . import register
+from rewards.registry import register, resolve
 
 __all__ = ["kimi_length", "l1_exact", "l1_max", "shorter_better", "efficient_reasoning", "dapo_overlong"]
 
 
 @functools.lru_cache(maxsize=None)
 def _verifier(spec: str) -> Callable:
-    from . import resolve
-
     return resolve(spec)
 
 

@@ -12,7 +12,7 @@ import re
 
 from math_verify import parse, verify
 
-from . import register
+from rewards.registry import register
 from .isolation import cap_log_messages
 
 # math-verify logs what it failed to parse, in full ("Timeout during parsing: <the whole answer>"), on the loggers of

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from . import register
+from rewards.registry import register
 
 __all__ = ["COLUMNS", "REDUNDANT_KINDS", "parse_problem", "answer_of", "necessary_steps", "answer_line", "count_steps",
            "line_kinds", "is_testbed_row", "testbed_redundancy"]

@@ -13,6 +13,8 @@ import importlib.util
 import logging
 import os
 
+from rl.config_base import ConfigError
+
 log = logging.getLogger("reasonrl")
 
 # rollout.vllm keys reasonrl sets itself (rl.vllm_support.engine_args), with why.
@@ -149,8 +151,6 @@ def run_environment_problems(cfg) -> list[str]:
 
 def check_run_environment(cfg) -> None:
     """Raise rl.config.ConfigError listing run_environment_problems, each naming its key."""
-    from rl.config import ConfigError
-
     problems = run_environment_problems(cfg)
     if problems:
         lines = [f"config key '{key}': {why}" for key, _, why in (p.partition(": ") for p in problems)]

@@ -41,6 +41,9 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, delivered like Ctrl-C so both take the same clean-stop path."""
 
 
+_signals_seen: list[str] = []  # SIGTERMs received during the current run (see _sigterm_as_interrupt)
+
+
 def prepare_output_dir(cfg: Config, resume: bool) -> Path:
     """Absolute run folder (actors may not share the driver's working directory); an old run is never mixed in."""
     out_dir = Path(cfg.trainer.output_dir).resolve()
@@ -115,7 +118,7 @@ def train(cfg: Config, resume: bool = False, step_callback=None, hooks=()) -> di
             return summary
         except KeyboardInterrupt as err:
             step_kind.abort()
-            name = "SIGTERM" if isinstance(err, _Terminated) else "SIGINT"
+            name = "SIGTERM" if isinstance(err, _Terminated) or "SIGTERM" in _signals_seen else "SIGINT"
             raise RunInterrupted(progress["step"], checkpoint.latest(out_dir), str(out_dir), name) from None
         finally:
             shutdown(*groups)
@@ -236,8 +239,10 @@ def _sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
+        _signals_seen.append("SIGTERM")  # remembered: a library may re-raise it as a plain KeyboardInterrupt
         raise _Terminated()
 
+    _signals_seen.clear()
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
