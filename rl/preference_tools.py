@@ -14,7 +14,7 @@ from rl.config import Config, ConfigError, load_config
 from rl.models import load_policy, load_tokenizer, resolve_model
 from rl.preference import local_logps, preference_metrics, rollout_pairs, write_jsonl
 from rl.prompts import eval_source, prepare_prompts, sampling_params
-from rl.scoring import score_batch
+from rl.scoring import score_configured
 from rl.steps.preference import read_pairs
 
 log = logging.getLogger("reasonrl")
@@ -43,8 +43,7 @@ def build_preference_set(cfg: Config, out_dir: str, train_prompts: int, eval_pro
             prompts = [r["prompt"] for r in rows]
             batch = groups[0].generate(prompts, sampling_params(cfg, n=G),
                                        seed=cfg.trainer.seed * 100003 + (0 if name == "train" else 1))
-            correct = score_batch(groups[1], rows, prompts, batch, G, {f.fn: f.weight for f in cfg.reward.functions},
-                                  cfg.reward.accuracy, d.answer_key).correct
+            correct = score_configured(groups[1], cfg, rows, batch, G).correct
             rng = np.random.default_rng([cfg.trainer.seed & (2**63 - 1), 0 if name == "train" else 1])
             pairs, counts = rollout_pairs(batch, correct, G, cfg.algorithm.todo, True, rng)
             system = [{"role": "system", "content": d.system_prompt}] if d.system_prompt is not None else []

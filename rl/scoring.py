@@ -50,3 +50,11 @@ def score_batch(rewards, rows: list[dict], prompts: list[str], batch: RolloutBat
     result = rewards.score(expanded, batch.text, reward_columns(rows, batch, group_size, answer_key), group_size)
     correct = [float(s > 0.5) for s in result.scores[accuracy]]
     return ScoredBatch(weighted_total(result, weights), correct, result)
+
+
+def score_configured(rewards, cfg, rows: list[dict], batch: RolloutBatch, group_size: int | list[int]) -> ScoredBatch:
+    """`score_batch` with a run config's reward weights, accuracy function and answer column (prompts: the rows'
+    rendered `prompt`)."""
+    r = cfg.reward
+    return score_batch(rewards, rows, [row["prompt"] for row in rows], batch, group_size,
+                       {f.fn: f.weight for f in r.functions}, r.accuracy, cfg.data.answer_key)

@@ -11,10 +11,11 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.processes import wait_for_pid_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = str(ROOT / "tests/fixtures/fault_paths.py")
@@ -53,11 +54,7 @@ def test_watchdog_stack_shows_the_frame_of_a_reward_hanging_in_the_worker_child(
     """)])
     child = None
     try:
-        deadline = time.time() + 120
-        while not pid_file.exists() and owner.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert pid_file.exists(), "the reward never started hanging"
-        child = int(pid_file.read_text())
+        child = wait_for_pid_file(pid_file, owner)
         # A frame, not a mention: py-spy also prints the owner's command line, which names the function.
         spied = watchdog._stack_of(owner.pid)
         assert spied.startswith("[py-spy dump") and re.search(r"^\s+hang_and_report \(fault_paths", spied, re.M), spied

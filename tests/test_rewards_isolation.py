@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import wait_for_pid_file
+
 from rewards.isolation import IsolatedRewards, RewardResult, weighted_total
 from rewards.math import boxed_format, math_verify
 
@@ -157,11 +159,7 @@ def test_hung_child_dies_with_its_parent(tmp_path):
     try:
         # The reward itself says it is hanging, and where: not a guess among the owner's children (the spawn
         # context's resource tracker is one too, and it exits on its own).
-        deadline = time.time() + 120
-        while not pid_file.exists() and owner.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert pid_file.exists(), "the reward never started hanging"
-        child = int(pid_file.read_text())
+        child = wait_for_pid_file(pid_file, owner)
         assert open(f"/proc/{child}/stat").read().split()[3] == str(owner.pid)  # the owner's reward process
     finally:
         owner.kill()

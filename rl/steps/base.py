@@ -17,7 +17,7 @@ from rl.config import Config
 from rl.contracts import RolloutBatch
 from rl.metrics import MetricsLogger, summarize
 from rl.prompts import held_out_rows, prepare_prompts
-from rl.scoring import ScoredBatch, score_batch
+from rl.scoring import ScoredBatch, score_configured
 
 ROLLOUT_ROLES = ("rollout", "reward", "learner")
 
@@ -52,9 +52,7 @@ class Run:
 
     def score(self, rows: list[dict], batch: RolloutBatch, group_size: int | list[int]) -> ScoredBatch:
         """The configured rewards on `batch` (group_size samples per row, contiguous; or each row's own count)."""
-        r = self.cfg.reward
-        return score_batch(self.rewards, rows, [row["prompt"] for row in rows], batch, group_size,
-                           {f.fn: f.weight for f in r.functions}, r.accuracy, self.cfg.data.answer_key)
+        return score_configured(self.rewards, self.cfg, rows, batch, group_size)
 
 
 class Step:
