@@ -53,11 +53,19 @@ def accuracy_vs_tokens(rec_a: list[dict], rec_b: list[dict], name: str, path: Pa
 def accuracy_at_budget(curves: dict[str, dict[str, float]], name: str, path: Path) -> Path:
     """One line per model ({label: accuracy_at_budget}) against the budget on a log2 axis: a method that only
     truncates moves along the curve, one that compresses moves it up and left."""
+    from matplotlib import colormaps
+
     fig, ax = _figure()
-    for (label, curve), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+    colors = colormaps["tab10"].colors
+    # Every curve is drawn: colours cycle through tab10, and each further round of ten changes marker and line
+    # style, so the 11th model is not mistaken for the 1st.
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+    for i, (label, curve) in enumerate(curves.items()):
         xs = sorted(int(b) for b in curve)
         ys = [curve[str(b)] for b in xs]
-        ax.plot(xs, ys, marker="o", color=color, label=f"{label} ({100 * ys[-1]:.1f}% at {xs[-1]})")
+        marker, linestyle = styles[(i // len(colors)) % len(styles)]
+        ax.plot(xs, ys, marker=marker, linestyle=linestyle, color=colors[i % len(colors)],
+                label=f"{label} ({100 * ys[-1]:.1f}% at {xs[-1]})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("token budget B (response finished within B tokens)")
     return _save_accuracy_plot(fig, ax, f"{name}: accuracy at budget", path)

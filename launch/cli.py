@@ -91,9 +91,10 @@ def _experiment(args) -> int:
     from launch.experiment import run_experiment
 
     command = "reasonrl experiment " + " ".join(args.configs) + f" --out {args.out}" + \
-        "".join(f" --set {o}" for o in args.overrides)
+        "".join(f" --set {o}" for o in args.overrides) + \
+        (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")
     try:
-        run_experiment(args.configs, Path(args.out), args.overrides, command)
+        run_experiment(args.configs, Path(args.out), args.overrides, command, seeds=args.seeds)
     except Exception as err:
         # rl.trainer (torch) is imported only once a run starts, not to report a bad config: looked up, not imported.
         trainer = sys.modules.get("rl.trainer")
@@ -122,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     experiment = sub.add_parser("experiment", help="train several configs from the same start and compare them "
                                 "(accuracy with CIs, tokens, zero-advantage groups, entropy)")
     experiment.add_argument("configs", nargs="+", help="YAML configs differing only in algorithm/reward/logging")
-    experiment.add_argument("--out", required=True, help="folder for the runs, results.md/json and compression.png")
+    experiment.add_argument("--out", required=True, help="folder for the runs, results.md/json and the figures "
+                            "(compression.png, accuracy_at_budget.png)")
     experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override applied to every config, e.g. --set trainer.max_steps=10")
+    experiment.add_argument("--seeds", type=int, nargs="+", metavar="S", help="train every config once per seed "
+                            "(trainer.seed=S; the config's own seed in OUT/<name>, others in OUT/<name>-seed<S>) "
+                            "and pool the report over them; put it after the configs")
     experiment.set_defaults(handler=_experiment)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):

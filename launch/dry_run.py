@@ -76,7 +76,12 @@ def environment_warnings(cfg: Config, plan: dict) -> list[str]:
         warnings.append(f"the run needs {need:g} GPU(s) and {where} has {visible}: a real run here would wait for "
                         "resources and fail at placement")
     spec = cfg.model.path
-    if "/" in spec and not Path(spec).expanduser().exists() and not spec.startswith((".", "/")):
+    local = Path(spec).expanduser()
+    if ":" not in spec and not local.exists() and (spec.count("/") != 1 or spec.startswith((".", "/", "~"))):
+        # Not a hub id (those are exactly org/name, as rl.models.resolve_model reads them): a folder to be made.
+        warnings.append(f"model.path {spec!r} does not exist yet: a real run fails unless it is created first "
+                        "(e.g. by the SFT run whose checkpoint-final it names)")
+    elif spec.count("/") == 1 and not local.exists() and not spec.startswith((".", "/", "~")):
         from huggingface_hub import try_to_load_from_cache
 
         cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)

@@ -90,17 +90,22 @@ def _job_env(auth_mode: str) -> dict:
     return env
 
 
-def build_job(config: str | None, overrides: list[str], resume: str | None, python: str = "python") -> dict:
-    """Everything `submit_job` needs: entrypoint, runtime_env, metadata; and the staging folder to clean up."""
+def build_job(config: str | None, overrides: list[str], resume: str | None, python: str = "python",
+              presets: list[str] = ()) -> dict:
+    """Everything `submit_job` needs: entrypoint, runtime_env, metadata; and the staging folder to clean up.
+    presets: merged under the config here (as `reasonrl train --preset`), so the staged config holds them."""
+    if resume and presets:
+        raise ConfigError("--preset applies to a fresh run; a resumed run's config.yaml already holds its preset")
     stage_root = Path(tempfile.mkdtemp(prefix="reasonrl-job-"))
     try:
-        return _build_job(stage_root, config, overrides, resume, python)
+        return _build_job(stage_root, config, overrides, resume, python, list(presets))
     except BaseException:
         shutil.rmtree(stage_root, ignore_errors=True)  # nothing is sent: no staging folder is left behind
         raise
 
 
-def _build_job(stage_root: Path, config: str | None, overrides: list[str], resume: str | None, python: str) -> dict:
+def _build_job(stage_root: Path, config: str | None, overrides: list[str], resume: str | None, python: str,
+               presets: list[str]) -> dict:
     stage = stage_root / PACKAGE
     stage.mkdir()
     (stage / "__init__.py").write_text('"""Files `reasonrl submit` sent along with a job."""\n')
@@ -119,7 +124,9 @@ def _build_job(stage_root: Path, config: str | None, overrides: list[str], resum
         # launch.run imports the reward registry (math-verify, sympy); `reasonrl --help` imports this module.
         from launch.run import load_training_config
 
-        cfg = load_training_config(config, overrides)  # validated here, before anything reaches the cluster
+        # Validated here, before anything reaches the cluster. What THIS machine lacks (vllm, GPUs) is not checked:
+        # the job runs on the cluster, whose launch/job.py loads the staged config with those checks.
+        cfg = load_training_config(config, overrides, check_environment=False, presets=presets)
         cfg.trainer.output_dir = str(Path(cfg.trainer.output_dir).resolve())
         raw = yaml.safe_load(dump_config(cfg))
         old = [f["fn"] for f in raw["reward"]["functions"]]
@@ -139,7 +146,7 @@ def _build_job(stage_root: Path, config: str | None, overrides: list[str], resum
 
 # ------------------------------------------------------------------------------------------------ commands
 def submit(args) -> int:
-    job = build_job(args.config, args.overrides, args.resume, args.python)
+    job = build_job(args.config, args.overrides, args.resume, args.python, args.preset or [])
     auth = job["runtime_env"]["env_vars"]["RAY_AUTH_MODE"]
     try:
         jc = client(args.address, auth)
@@ -222,6 +229,8 @@ def add_commands(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (on the cluster's filesystem)")
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit with its code")
     p.add_argument("--job-id", help="submission id (default: chosen by Ray)")
+    p.add_argument("--preset", action="append", metavar="NAME", help="merge configs/presets/NAME.yaml (or a YAML "
+                   "file) under the config, as `reasonrl train --preset`, e.g. --preset gpu")
     # Ray offers no documented way to name the interpreter its own processes run in an entrypoint, so the default
     # stays `python`; launch/job.py says in one line, and fails the job, when that python lacks the packages.
     p.add_argument("--python", default="python", help="python executable on the cluster, with the project's "

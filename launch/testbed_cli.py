@@ -14,10 +14,14 @@ DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 
 def _testbed(args) -> int:
     from rl.models import load_tokenizer, resolve_model
-    from rl.testbed import DEFAULT_DIFFICULTY, DIFFICULTIES, generate
+    from rl.testbed import DEFAULT_DIFFICULTY, DEFAULT_MAX_REDUNDANT, DEFAULT_MIN_REDUNDANT, DIFFICULTIES, generate
 
     if args.difficulty is None:
         args.difficulty = DEFAULT_DIFFICULTY
+    if args.max_redundant is None:
+        args.max_redundant = DEFAULT_MAX_REDUNDANT
+    if args.min_redundant is None:
+        args.min_redundant = DEFAULT_MIN_REDUNDANT
     if args.difficulty not in DIFFICULTIES:
         raise ConfigError(f"--difficulty must be one of {sorted(DIFFICULTIES)}, got {args.difficulty}")
     if args.max_redundant < args.min_redundant:
@@ -45,14 +49,16 @@ def add_testbed_command(sub) -> None:
     tb.add_argument("--seed", type=int, default=0)
     # Defaults of None are rl.testbed's own (not imported here: rewards/ pulls in math-verify and sympy).
     tb.add_argument("--difficulty", type=int, default=None,
-                    help="0: 3-digit sums, 1: 4-digit +/-, 2: 5-digit +/-, 3: 2-digit x 2-digit products "
-                    "(the default), 4: 3-digit x 2-digit products")
+                    help="0: 3-digit sums, 1: 4-digit +/- (the default), 2: 5-digit +/-, 3: 2-digit x 2-digit "
+                    "products, 4: 3-digit x 2-digit products")
     tb.add_argument("--sft", type=int, default=2800, help="SFT solutions (prompt/completion)")
     tb.add_argument("--train", type=int, default=1000, help="RL training problems")
     tb.add_argument("--heldout", type=int, default=200, help="held-out problems (eval with --benchmarks FILE)")
-    tb.add_argument("--max-redundant", type=int, default=4, help="at most k redundant steps per SFT solution")
-    tb.add_argument("--min-redundant", type=int, default=1,
-                    help="at least this many (default 1: verbosity is the mode of the SFT data)")
+    tb.add_argument("--max-redundant", type=int, default=None,
+                    help="at most k redundant steps per SFT solution (default 6)")
+    tb.add_argument("--min-redundant", type=int, default=None,
+                    help="at least this many (default 4: verbosity is the mode of the SFT data, and the solutions "
+                    "are at least twice the minimal length)")
     tb.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer counts minimal_tokens (the model to "
                     "fine-tune; default %(default)s)")
     tb.set_defaults(handler=_testbed)

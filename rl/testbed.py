@@ -11,13 +11,15 @@ check here" would win at every slot and greedy output would hold none; a probe s
 redundant step has its own slot and inclusion probability (KIND_PROBS), three of them above 0.5 (restate, other
 route, final check: what greedy should keep), the others below (what sampling varies); the draw is then conditioned
 on 1..k redundant steps in all, so every SFT solution has at least one and the count and kinds vary. The end checks
-share the opening "Wait, let me", so after the last necessary step greedy first picks "a check" (94% of the default
-SFT solutions continue with one) over the answer line. `modal_path` computes the line-by-line argmax path over the
-SFT solutions (testbed.json `sft_modal_path`): at the defaults restate, the steps, other route, final check, answer.
+share the opening "Wait, let me", so after the last necessary step greedy first picks "a check" over the answer
+line. `modal_path` computes the line-by-line argmax path over the SFT solutions (testbed.json `sft_modal_path`): at
+the defaults restate, the four column steps, other route, estimate, final check, answer.
 
 Difficulty (the operations and digit counts of DIFFICULTIES): 0 is the probe's 3-digit sums (87.5% greedy after a
-small SFT: too easy, column steps are one-digit facts); the default 3, 2-digit x 2-digit products with partial
-products, makes the model learn 2-digit x 1-digit facts and a 3-4 digit sum, where a short SFT still errs.
+small SFT: too easy, column steps are one-digit facts); 3, 2-digit x 2-digit products with partial products, makes
+the model memorise 2-digit x 1-digit facts, which a short SFT does not (21% held-out after 112 steps). The default 1,
+4-digit sums and differences column by column, with 4-6 redundant steps, lands the SFT'd SmolLM2 at 48% held-out
+with responses 2.05x the minimal length (docs/results.md has the calibration).
 """
 from __future__ import annotations
 
@@ -39,7 +41,10 @@ DIFFICULTIES: dict[int, list[tuple[str, int, int]]] = {
     3: [("*", 2, 2)],
     4: [("*", 3, 2)],
 }
-DEFAULT_DIFFICULTY = 3
+DEFAULT_DIFFICULTY = 1  # the calibrated one (docs/results.md): SFT'd SmolLM2 starts at 48% held-out
+# 4-6 redundant steps per SFT solution: the column steps of a 4-digit sum are long, so fewer would leave the SFT
+# solutions under twice the minimal length (1-4: 1.7x, 3-5: 1.9x, 4-6: 2.1x on the SmolLM2 tokenizer).
+DEFAULT_MIN_REDUNDANT, DEFAULT_MAX_REDUNDANT = 4, 6
 # Inclusion probability of each redundant kind in its slot (verify_step: after each necessary step).
 KIND_PROBS = {"restate": 0.7, "verify_step": 0.2, "other_route": 0.65, "estimate": 0.35, "final_check": 0.7}
 END_KINDS = ("other_route", "estimate", "final_check")  # written in this order after the last necessary step
@@ -215,7 +220,8 @@ def problem_row(split: str, i: int, a: int, op: str, b: int, difficulty: int, mi
 
 
 def generate(out: str | Path, tokenizer, *, seed: int = 0, difficulty: int = DEFAULT_DIFFICULTY, sft: int = 2800,
-             train: int = 1000, heldout: int = 200, max_redundant: int = 4, min_redundant: int = 1) -> dict:
+             train: int = 1000, heldout: int = 200, max_redundant: int = DEFAULT_MAX_REDUNDANT,
+             min_redundant: int = DEFAULT_MIN_REDUNDANT) -> dict:
     """Write `sft.jsonl` (prompt, completion), `train.jsonl` and `heldout.jsonl` (id, problem, answer, testbed,
     necessary_steps, minimal_tokens) and `testbed.json` (the settings and measured token statistics) into `out`.
 

@@ -189,11 +189,13 @@ def evaluate(run: Run, rows: list[dict], step: int) -> dict:
     cfg = run.cfg
     params = sampling_params(cfg, n=1, greedy=cfg.trainer.eval_greedy)
     batch = run.generate([r["prompt"] for r in rows], params, seed=cfg.trainer.seed + 7919 * (step + 1))
-    correct = run.score(rows, batch, 1).correct
-    tokens = batch.tokens
-    # Per-problem outcomes travel with the summary (into events.jsonl) so intervals can be computed afterwards.
+    scored = run.score(rows, batch, 1)
+    correct, tokens = scored.correct, batch.tokens
+    # Per-problem outcomes travel with the summary (into events.jsonl) so intervals, paired differences, truncation
+    # and the accuracy-at-budget frontier can be computed afterwards (reasonrl experiment) without generating again.
     return {"step": step, "accuracy": sum(correct) / len(correct), "n": len(correct),
             "response_tokens_mean": sum(tokens) / len(tokens), "correct": correct, "tokens": tokens,
+            "truncated": [f == "length" for f in batch.finish_reason], "scores": scored.result.scores,
             "ids": [r["id"] for r in rows]}
 
 

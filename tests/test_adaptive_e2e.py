@@ -54,10 +54,18 @@ def test_dynamic_sampling_with_rollout_gdro_and_gspo_resumes_without_replay_or_s
     assert drawn == [r["id"] for r in sampler.next_batch(len(drawn))]
     ds = {e["step"]: e for e in events if e["event"] == "dynamic_sampling"}
     assert sum(len(e["dropped"]) for e in ds.values()) > 0  # the fixture made some groups constant
+    alloc = {e["step"]: e for e in events if e["event"] == "allocation"}
     for m in metrics:
         assert m["ds_groups_drawn"] == len(logged[m["step"]]) == m["ds_groups_kept"] + m["ds_groups_dropped"]
         assert m["ds_groups_kept"] == 2 or m["ds_capped"] == 1.0
         assert m["time_generate_extra"] >= 0
+        # The generation cost counts the dropped draws too: at least one token per drawn sample (4 per group on
+        # average under Rollout-GDRO), more than the trained samples alone when a group was dropped.
+        assert m["generated_tokens"] >= 4 * m["ds_groups_drawn"]
+        ids = alloc[m["step"]]["ids"]
+        if m["ds_groups_kept"] and m["ds_groups_dropped"] and len(set(ids)) == len(ids):
+            kept_sizes = sum(n for i, n in zip(ids, alloc[m["step"]]["sizes"]) if i in ds[m["step"]]["kept"])
+            assert m["generated_tokens"] > m["response_tokens_mean"] * kept_sizes * (1 - 1e-9)
         if m["ds_groups_kept"]:  # (none kept at the cap: no update)
             assert m["zero_adv_groups"] == 0.0
             assert m["ratio_mean"] == 1.0  # on-policy: GSPO's ratio is exactly 1, as GRPO's

@@ -105,6 +105,9 @@ def test_two_ranks_zero2_checkpoint_and_resume_match_uninterrupted(uninterrupted
         for key in ("reward/boxed_format", "accuracy", "truncation_rate", "kl", "clip_fraction", "time_generate",
                     "time_reward", "time_train", "time_sync", "response_tokens_max"):
             assert key in m, key
+        # The generation cost of the step: every sample's tokens (prompts_per_step x group_size samples).
+        samples = 2 * 4  # configs/tiny.yaml: prompts_per_step x group_size
+        assert m["generated_tokens"] == pytest.approx(m["response_tokens_mean"] * samples)
 
 
 KILLED_IN_COMMIT = textwrap.dedent("""

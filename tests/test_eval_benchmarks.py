@@ -9,11 +9,12 @@ from eval import benchmarks
 from eval.benchmarks import BENCHMARKS, load_benchmark, parse_benchmarks, slug
 from eval.runner import complete_problems, locate_model, read_samples, rescore
 from rl.data import DataError
+from tests.shared_data import DATA, needs_shared_data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIZES = {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "minerva": 272, "gsm8k": 1319}
 
 
+@needs_shared_data
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_named_benchmarks_load_from_the_data_folder(name):
     rows, stats = load_benchmark(name, DATA)
@@ -23,6 +24,7 @@ def test_named_benchmarks_load_from_the_data_folder(name):
     assert load_benchmark(name, DATA, limit=3)[0] == rows[:3]
 
 
+@needs_shared_data
 def test_data_dir_from_environment(monkeypatch):
     monkeypatch.setenv(benchmarks.DATA_DIR_ENV, str(DATA))
     assert benchmarks.data_dir_from(None) == DATA
@@ -77,6 +79,7 @@ def test_any_jsonl_with_problem_and_answer_works_and_rows_without_answer_are_cou
         load_benchmark(str(bad))
 
 
+@needs_shared_data
 def test_model_that_does_not_load_fails_before_any_generation(tmp_path, capsys):
     import ray
 

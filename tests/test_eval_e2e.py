@@ -7,13 +7,13 @@ import pytest
 import ray
 
 from launch.cli import main
+from tests.shared_data import DATA, needs_shared_data
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIELDS = {"benchmark", "problem_id", "sample", "answer", "completion", "tokens", "finish_reason", "extracted",
           "correct", "score"}
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_shared_data]
 
 
 @pytest.fixture(scope="module", autouse=True)

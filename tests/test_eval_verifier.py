@@ -1,15 +1,14 @@
 """The eval's verifier is the training reward (`rewards.resolve("math_verify")`); these are its verdicts on real
 MATH500 gold answers, read from the shared data folder: equivalent forms pass, near misses fail."""
 import json
-from pathlib import Path
 
 import pytest
 
 from eval.benchmarks import load_benchmark
 from eval.runner import VERIFIER
 from rewards import resolve
+from tests.shared_data import DATA, needs_shared_data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 CASES = {  # MATH500 problem id -> (responses that must be correct, responses that must be wrong)
     "test/algebra/2584.json": ([r"\boxed{14/3}", r"\boxed{\dfrac{14}{3}}", r"\boxed{4\frac{2}{3}}"],  # fractions
@@ -38,6 +37,7 @@ def gold():
     return {r["id"]: r["answer"] for r in rows}
 
 
+@needs_shared_data
 @pytest.mark.parametrize("pid", sorted(CASES))
 def test_math500_equivalences(gold, pid):
     verify = resolve(VERIFIER)
@@ -47,6 +47,7 @@ def test_math500_equivalences(gold, pid):
     assert scores == [1.0] * len(right) + [0.0] * len(wrong), (gold[pid], list(zip(right + wrong, scores)))
 
 
+@needs_shared_data
 def test_only_the_last_box_counts_and_an_unboxed_answer_is_wrong(gold):
     verify = resolve(VERIFIER)
     answer = gold["test/algebra/2584.json"]  # 14/3
@@ -55,6 +56,7 @@ def test_only_the_last_box_counts_and_an_unboxed_answer_is_wrong(gold):
     assert verify([""] * 3, responses, answer=[answer] * 3) == [1.0, 0.0, 0.0]
 
 
+@needs_shared_data
 def test_every_math500_gold_answer_verifies_against_itself():
     """No gold answer is unparseable (it would score every response 0 and make the benchmark harder than it is)."""
     rows = [json.loads(line) for line in (DATA / "math500.jsonl").read_text().splitlines()]

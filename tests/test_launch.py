@@ -149,6 +149,23 @@ def test_submit_sends_the_job_entrypoint(tmp_path):
     assert built["entrypoint"] == f"/opt/venv/bin/python -m launch.job --resume {run} trainer.max_steps=3"
 
 
+def test_submit_merges_a_preset_into_the_staged_config_without_checking_this_machine(tmp_path):
+    # --preset gpu names vllm and GPUs, which this CPU machine lacks: the job runs on the cluster, and its
+    # `reasonrl train` (launch/job.py) checks the environment there; here the config is validated only.
+    from launch import submit
+    from rl.config import ConfigError
+
+    built = submit.build_job(TINY, [f"trainer.output_dir={tmp_path / 'run'}"], None, presets=["gpu"])
+    try:
+        staged = yaml.safe_load((Path(built["runtime_env"]["py_modules"][0]) / "tiny.yaml").read_text())
+    finally:
+        shutil.rmtree(built["stage"], ignore_errors=True)
+    assert staged["rollout"]["backend"] == "vllm" and staged["model"]["dtype"] == "bfloat16"
+    assert staged["placement"]["colocate"] is True and staged["weight_sync"]["mode"] == "object_store"
+    with pytest.raises(ConfigError, match="--preset applies to a fresh run"):
+        submit.build_job(None, [], str(tmp_path), presets=["gpu"])
+
+
 # --------------------------------------------------------------------------------- config checks on every path
 BAD = "trainer.eval_benchmarks=[math500, mat500]"
 MESSAGE = "config key 'trainer.eval_benchmarks': unknown benchmark 'mat500'; known: math500"

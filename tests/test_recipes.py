@@ -101,3 +101,12 @@ def test_train_limit_takes_the_first_rows(tmp_path):
     assert "train_limit: 4" in dump_config(cfg)
     with pytest.raises(ConfigError, match="data.train_limit"):
         load_config(None, ["data.train_limit=0"])
+
+
+def test_dry_run_names_a_model_folder_that_does_not_exist_yet(capsys, monkeypatch, tmp_path):
+    # The testbed RL configs start from an SFT checkpoint that a dry run may precede: a warning, not a hub lookup.
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(ROOT / "configs" / "testbed_grpo.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: model.path 'runs/testbed_sft/checkpoint-final' does not exist yet" in out
+    assert "hub cache" not in out

@@ -163,7 +163,8 @@ def test_reasonrl_testbed_command(tmp_path, capsys):
     from launch.cli import main
 
     assert main(["testbed", "--out", str(tmp_path), "--sft", "40", "--train", "10", "--heldout", "5",
-                 "--model", "tiny:llama", "--difficulty", "4", "--max-redundant", "2"]) == 0
+                 "--model", "tiny:llama", "--difficulty", "4", "--max-redundant", "2",
+                 "--min-redundant", "1"]) == 0
     out = capsys.readouterr().out
     assert "sft_over_minimal_mean" in out and "testbed in" in out
     summary = json.loads((tmp_path / "testbed.json").read_text())

@@ -193,7 +193,8 @@ class AdaptivePolicyStep(PolicyGradientStep):
         self.gdro.observe(groups, self.all_ids if self.cfg.data.sampler == "gdro" else None)
 
     def step_metrics(self, run: Run, step: int, drawn: Drawn, selection: Selection) -> dict:
-        cfg, out = self.cfg, {}
+        cfg = self.cfg
+        out = {"generated_tokens": sum(drawn.batch.tokens)}  # every drawn sample, kept or dropped, was generated
         ids = [r["id"] for r in drawn.rows]
         if cfg.algorithm.dynamic_sampling:
             out.update(summarize_selection(selection))

@@ -123,6 +123,7 @@ def rollout_metrics(batch: RolloutBatch, scored: ScoredBatch) -> dict:
     row = {
         "reward": sum(scored.total) / len(scored.total), "accuracy": sum(correct) / len(correct),
         "response_tokens_mean": token_stats["mean"], "response_tokens_max": token_stats["max"],
+        "generated_tokens": sum(tokens),  # the step's generation cost (rl/steps/adaptive.py adds dropped draws)
         "truncation_rate": batch.finish_reason.count("length") / len(tokens),
         "entropy": sum(batch.entropy_sum) / max(1, sum(tokens)),  # mean full-vocabulary entropy per token
         "tokens_correct_mean": _mean([t for t, c in zip(tokens, correct) if c > 0.5]),
