@@ -22,7 +22,7 @@ import yaml
 
 from launch.experiment_report import build_report, end_eval, write_report
 from launch.run import load_training_config, train_run
-from rl.config import Config, ConfigError, dump_config
+from rl.config import Config, ConfigError, dump_config, load_config
 from rl.metrics import EVENTS_FILE
 
 SHARED_SECTIONS = ("model", "data", "rollout", "learner", "trainer", "ray")
@@ -88,12 +88,23 @@ def finished(cfg: Config) -> bool:
     out = Path(cfg.trainer.output_dir)
     if not (out / "config.yaml").is_file() or not (out / EVENTS_FILE).is_file():
         return False
-    saved, wanted = yaml.safe_load((out / "config.yaml").read_text()), yaml.safe_load(dump_config(cfg))
+    saved, wanted = _saved_config(out / "config.yaml"), yaml.safe_load(dump_config(cfg))
     for c in (saved, wanted):
         c["trainer"].pop("overwrite", None)  # how the folder was claimed, not what was trained
     if saved != wanted:
         return False
     return end_eval(out, cfg.trainer.max_steps) is not None
+
+
+def _saved_config(path: Path) -> dict:
+    """A run's saved config with today's defaults filled in: a key added to the schema after the run finished,
+    at its default, is what the run did, so it must not turn an experiment's finished runs into ones to retrain.
+    A saved config the schema no longer accepts is compared as written (and then differs)."""
+    raw = yaml.safe_load(path.read_text())
+    try:
+        return yaml.safe_load(dump_config(load_config(path, check_environment=False)))
+    except ConfigError:
+        return raw
 
 
 def run_experiment(paths: list[str], out: Path, overrides: list[str] = (), command: str = "",

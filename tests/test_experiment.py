@@ -89,6 +89,21 @@ def write_run(cfg, end, start=None, generated=(1000, 1000), step1=(30.0, 0.25)):
 FAKE = ["trainer.max_steps=2", "rollout.max_new_tokens=200"]  # budget grid 64, 128, 200
 
 
+def test_a_run_saved_before_a_schema_key_existed_is_still_finished(tmp_path):
+    import yaml
+
+    grpo, = plan_runs(CONFIGS[:1], tmp_path, FAKE)
+    write_run(grpo.cfg, ev([1, 0, 0, 0], [5, 5, 5, 5]))
+    path = Path(grpo.cfg.trainer.output_dir) / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    assert saved["algorithm"].pop("overlong_filter") is False  # as if written before the key was added
+    path.write_text(yaml.safe_dump(saved))
+    assert finished(grpo.cfg)
+    saved["rollout"]["temperature"] = 0.5  # a real difference still means: train again
+    path.write_text(yaml.safe_dump(saved))
+    assert not finished(grpo.cfg)
+
+
 def test_paired_differences_truncation_redundancy_and_gain_per_run(tmp_path):
     grpo, fgo = plan_runs(CONFIGS, tmp_path, FAKE)
     write_run(grpo.cfg, ev([1, 1, 0, 0], [50, 100, 150, 200], truncated=[False, False, False, True],
