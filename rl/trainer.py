@@ -8,6 +8,7 @@ in from the layers above through `train(hooks=...)`, so nothing here imports the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -18,6 +19,7 @@ from rl import checkpoint
 from rl.cluster import LearnerGroup, RewardGroup, RolloutGroup, init_ray, shutdown
 from rl.config import Config, ConfigError, dump_config
 from rl.data import PromptSampler
+from rl.fsutil import write_atomic
 from rl.gpu_config import check_run_environment
 from rl.metrics import MetricsLogger, plot_curves
 from rl.models import load_tokenizer, resolve_model
@@ -191,12 +193,29 @@ def evaluate(run: Run, rows: list[dict], step: int) -> dict:
     batch = run.generate([r["prompt"] for r in rows], params, seed=cfg.trainer.seed + 7919 * (step + 1))
     scored = run.score(rows, batch, 1)
     correct, tokens = scored.correct, batch.tokens
+    write_held_out_samples(run.out_dir, step, rows, batch, scored)
     # Per-problem outcomes travel with the summary (into events.jsonl) so intervals, paired differences, truncation
     # and the accuracy-at-budget frontier can be computed afterwards (reasonrl experiment) without generating again.
     return {"step": step, "accuracy": sum(correct) / len(correct), "n": len(correct),
             "response_tokens_mean": sum(tokens) / len(tokens), "correct": correct, "tokens": tokens,
             "truncated": [f == "length" for f in batch.finish_reason], "scores": scored.result.scores,
             "ids": [r["id"] for r in rows]}
+
+
+HELD_OUT_DIR = "heldout"  # <output_dir>/heldout/step-NNNNNN.jsonl: every held-out response of that evaluation
+
+
+def write_held_out_samples(out_dir: Path, step: int, rows: list[dict], batch, scored) -> Path:
+    """The responses behind a held-out score, one JSON line each, so what a method changed in them (which steps it
+    dropped, how it phrased them) can be read afterwards without generating again."""
+    path = Path(out_dir) / HELD_OUT_DIR / f"step-{step:06d}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": row["id"], "completion": text, "tokens": n, "finish_reason": why, "correct": ok,
+                         "scores": {name: vals[i] for name, vals in scored.result.scores.items()}})
+             for i, (row, text, n, why, ok) in enumerate(zip(rows, batch.text, batch.tokens, batch.finish_reason,
+                                                             scored.correct))]
+    write_atomic(path, "".join(line + "\n" for line in lines))
+    return path
 
 
 def log_eval(metrics: MetricsLogger, when: str, result: dict) -> dict:

@@ -354,6 +354,12 @@ def test_sft_then_grpo_from_its_checkpoint(tmp_path, ray_session):
     rl_start = _rows(tmp_path / "rl_gen.jsonl")[0]
     assert rl_start["prompts"] == sft_end["prompts"] == sft_start["prompts"]  # the RL prompt SFT trained on
     assert rl_start["completions"] == sft_end["completions"] != sft_start["completions"]
+    # The responses behind each held-out score are kept beside the run, scored as in the eval event.
+    kept = _rows(rl / "heldout" / "step-000000.jsonl")
+    assert [r["completion"] for r in kept] == rl_start["completions"]
+    start_eval = next(e for e in _rows(rl / "events.jsonl") if e["event"] == "eval" and e["step"] == 0)
+    assert [r["correct"] for r in kept] == start_eval["correct"] and [r["tokens"] for r in kept] == start_eval["tokens"]
+    assert (rl / "heldout" / "step-000002.jsonl").is_file()
 
 
 @pytest.mark.slow
