@@ -15,16 +15,17 @@ import numpy as np
 SMALLEST = 64  # the first budget of the grid
 
 
-def budget_grid(budget: int) -> list[int]:
-    """64, 128, 256, ... below `budget`, then `budget` itself."""
-    grid, b = [], SMALLEST
-    while b < budget:
+def budget_grid(budget: int, per_doubling: int = 1) -> list[int]:
+    """64, 128, 256, ... below `budget`, then `budget` itself; with per_doubling k, k geometric points per doubling
+    (k=4: 64, 76, 91, 108, 128, ...), for responses whose lengths sit within one doubling of each other."""
+    grid, i = [], 0
+    while (b := round(SMALLEST * 2 ** (i / per_doubling))) < budget:
         grid.append(b)
-        b *= 2
+        i += 1
     return grid + [int(budget)]
 
 
-def accuracy_at_budget(records: list[dict], budget: int | None = None) -> dict[str, float]:
+def accuracy_at_budget(records: list[dict], budget: int | None = None, per_doubling: int = 1) -> dict[str, float]:
     """{str(B): accuracy at B} over the grid up to `budget` (default: the longest response seen). Accuracy is avg@n
     like `accuracy`: the mean over problems of the share of their samples that count at B."""
     problems: dict[str, list[dict]] = {}  # grouped here: eval.metrics imports this module
@@ -35,7 +36,7 @@ def accuracy_at_budget(records: list[dict], budget: int | None = None) -> dict[s
     if budget is None:
         budget = max(int(r["tokens"]) for rs in problems.values() for r in rs)
     out = {}
-    for b in budget_grid(max(1, int(budget))):
+    for b in budget_grid(max(1, int(budget)), per_doubling):
         per_problem = [np.mean([bool(r["correct"]) and r.get("finish_reason") == "stop" and int(r["tokens"]) <= b
                                 for r in rs]) for rs in problems.values()]
         out[str(b)] = float(np.mean(per_problem))

@@ -22,6 +22,7 @@ from rl.config import Config
 from rl.metrics import EVENTS_FILE, METRICS_FILE, read_metrics
 
 START = "start policy"  # the frontier's label for the shared start (a config stem has no space in practice)
+FRONTIER_POINTS = 4  # budgets per doubling on the frontier (eval.budget.budget_grid)
 REDUNDANCY = "testbed_redundancy"  # the reward function whose per-problem score is the redundant-step fraction
 
 
@@ -147,13 +148,14 @@ def frontier_curves(results: list[dict], reference: str) -> tuple[int, dict[str,
     """(budget, {label: accuracy at budget}) from the end evaluations, one curve per method with its seeds' responses
     pooled as samples of the same problem, and one for the start policy (the reference's start evaluations)."""
     budget = max(r["_max_new_tokens"] for r in results)
+    # Four points per doubling: methods compared from one start differ by tens of tokens, not by factors of two.
     curves: dict[str, dict[str, float]] = {}
     starts = [r["_start"] for r in results if r["method"] == reference and r["_start"] is not None]
     if starts:
-        curves[START] = accuracy_at_budget([x for ev in starts for x in _records(ev)], budget)
+        curves[START] = accuracy_at_budget([x for ev in starts for x in _records(ev)], budget, FRONTIER_POINTS)
     for method in _unique(r["method"] for r in results):
         curves[method] = accuracy_at_budget([x for r in results if r["method"] == method
-                                             for x in _records(r["_end"])], budget)
+                                             for x in _records(r["_end"])], budget, FRONTIER_POINTS)
     return budget, curves
 
 

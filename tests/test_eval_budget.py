@@ -22,6 +22,7 @@ def test_budget_grid_doubles_from_64_and_ends_at_the_budget():
     assert budget_grid(1000) == [64, 128, 256, 512, 1000]
     assert budget_grid(64) == [64]
     assert budget_grid(40) == [40]
+    assert budget_grid(320, per_doubling=4) == [64, 76, 91, 108, 128, 152, 181, 215, 256, 304, 320]
 
 
 def test_a_response_counts_only_if_it_finished_within_the_budget_and_is_correct():

@@ -86,7 +86,13 @@ def write_run(cfg, end, start=None, generated=(1000, 1000), step1=(30.0, 0.25)):
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
-FAKE = ["trainer.max_steps=2", "rollout.max_new_tokens=200"]  # budget grid 64, 128, 200
+FAKE = ["trainer.max_steps=2", "rollout.max_new_tokens=200"]
+GRID = (64, 76, 91, 108, 128, 152, 181, 200)  # the frontier's budgets up to 200: four per doubling
+
+
+def at(*accuracy):
+    """An accuracy_at_budget curve over GRID."""
+    return dict(zip(map(str, GRID), accuracy))
 
 
 def test_a_run_saved_before_a_schema_key_existed_is_still_finished(tmp_path):
@@ -134,9 +140,10 @@ def test_paired_differences_truncation_redundancy_and_gain_per_run(tmp_path):
     assert ref["acc_end_ci"] == list(bootstrap_ci([1, 1, 0, 0]))
     # frontier: a counts from 64 on, b from 128; d (200) was cut off and c is wrong
     assert report["budget"] == 200
-    assert report["accuracy_at_budget"]["compress_grpo"] == {"64": 0.25, "128": 0.5, "200": 0.5}
-    assert report["accuracy_at_budget"][START] == {"64": 0.25, "128": 0.25, "200": 0.25}
-    assert report["accuracy_at_budget"]["compress_fgo"] == {"64": 0.5, "128": 0.5, "200": 0.5}  # c (6) cut off
+    # four budgets per doubling up to the 200-token budget; b (100 tokens, correct) counts from 108 on
+    assert report["accuracy_at_budget"]["compress_grpo"] == at(0.25, 0.25, 0.25, 0.5, 0.5, 0.5, 0.5, 0.5)
+    assert report["accuracy_at_budget"][START] == at(0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25)
+    assert report["accuracy_at_budget"]["compress_fgo"] == at(0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5)  # c (6) cut off
     table = write_report(report, tmp_path, "cmd")
     assert "| compress_grpo (grpo) | 0 |" in table and "| ref |" in table and "+0.333 [" in table
     assert "Pooled over seeds" not in table and "Same start, checked" in table  # one seed: no pooled table
@@ -156,7 +163,7 @@ def test_runs_without_truncated_scores_or_generated_tokens_report_a_dash(tmp_pat
     assert report["runs"][1]["acc_diff_vs_ref"] == 0.0
     assert START not in report["accuracy_at_budget"]
     # without `truncated` every response counts as finished: c (200 tokens, correct) counts at 200
-    assert report["accuracy_at_budget"]["compress_grpo"] == {"64": 0.25, "128": 0.25, "200": 0.5}
+    assert report["accuracy_at_budget"]["compress_grpo"] == at(0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.5)
     table = write_report(report, tmp_path, "cmd")
     row = next(line for line in table.splitlines() if line.startswith("| compress_fgo"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -198,9 +205,9 @@ def test_pooled_over_seeds_matches_hand_computation(tmp_path):
     assert p["truncation_rate"] == pytest.approx(0.125) and p["redundancy_rate"] is None
     # gains per seed against that seed's start: (.75 - .25) / .002 and (.5 - 0) / .004
     assert p["gain_per_million_tokens"] == pytest.approx((250 + 125) / 2)
-    # frontier with the seeds' responses as samples of each problem: a, b count from 64 on, c once from 128
-    assert report["accuracy_at_budget"]["compress_fgo"] == {"64": 0.5, "128": 0.625, "200": 0.625}
-    assert report["accuracy_at_budget"][START] == {"64": 0.125, "128": 0.125, "200": 0.125}
+    # frontier with the seeds' responses as samples of each problem: a, b count from 64 on, c once from 108
+    assert report["accuracy_at_budget"]["compress_fgo"] == at(0.5, 0.5, 0.5, 0.625, 0.625, 0.625, 0.625, 0.625)
+    assert report["accuracy_at_budget"][START] == at(0.125, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125)
     # a method missing a seed is pooled over the seeds it has
     partial = build_report([(r.method, r.cfg) for r in plan[:3]])["pooled"][1]
     assert partial["seeds"] == [0] and partial["n_seeds"] == 1 and partial["acc_diff_vs_ref"] == pytest.approx(0.25)
