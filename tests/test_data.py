@@ -1,5 +1,4 @@
 import json
-import os
 import re
 from pathlib import Path
 
@@ -7,10 +6,9 @@ import pytest
 
 from rl.data import (DataError, PromptSampler, filter_long_prompts, generate_arith, load_rows,
                      render_prompt)
+from tests.shared_data import DATA, needs_shared_data
 
-# shared/ sits beside the repository (read-only, never copied in); REASONRL_DATA_DIR overrides.
-DATA_DIR = Path(os.environ.get("REASONRL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-MATH500 = DATA_DIR / "math500.jsonl"
+MATH500 = DATA / "math500.jsonl"
 PROBLEM_RE = re.compile(r"^What is ([0-9 +\-*()]+)\?$")
 
 
@@ -185,7 +183,7 @@ def test_load_rows_parquet(tmp_path):
     assert rows[1] == {"id": "train-2", "problem": "c", "answer": "3", "extra": 3}
 
 
-@pytest.mark.skipif(not MATH500.is_file(), reason=f"{MATH500} not available (shared/ data beside the repo)")
+@needs_shared_data
 def test_load_rows_math500():
     rows, stats = load_rows(str(MATH500), split="test")
     assert stats == {"rows": 500, "skipped_no_answer": 0, "skipped_no_problem": 0, "skipped_bad_json": 0,
