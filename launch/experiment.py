@@ -100,11 +100,10 @@ def _saved_config(path: Path) -> dict:
     """A run's saved config with today's defaults filled in: a key added to the schema after the run finished,
     at its default, is what the run did, so it must not turn an experiment's finished runs into ones to retrain.
     A saved config the schema no longer accepts is compared as written (and then differs)."""
-    raw = yaml.safe_load(path.read_text())
     try:
         return yaml.safe_load(dump_config(load_config(path, check_environment=False)))
     except ConfigError:
-        return raw
+        return yaml.safe_load(path.read_text())
 
 
 def run_experiment(paths: list[str], out: Path, overrides: list[str] = (), command: str = "",
