@@ -61,6 +61,9 @@ class EvalSettings:
     seed: int = 0
     chunk_problems: int = 16  # problems per generate call (and per resume unit)
     batch_size: int = 16  # sequences per `generate` inside a worker
+    # The reward that decides "correct": a registry name, `module:function` or file path (TRL's reward contract).
+    # math_verify for benchmarks; exact_match where a boxed expression must not count (the testbed's sums).
+    verifier: str = VERIFIER
 
     def __post_init__(self):
         if self.samples < 1 or self.max_new_tokens < 1 or self.chunk_problems < 1 or self.batch_size < 1:
@@ -71,6 +74,12 @@ class EvalSettings:
         if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ConfigError(f"--temperature must be > 0 and --top-p in (0, 1], got {self.temperature}, "
                               f"{self.top_p}")
+        from rewards import RewardSpecError, check_spec
+
+        try:  # a typo fails here, before Ray starts; a file path becomes absolute for the workers
+            self.verifier = check_spec(self.verifier)
+        except RewardSpecError as err:
+            raise ConfigError(f"--verifier: {err}") from err
 
     def sampling(self) -> SamplingParams:
         from rl.rollout import SamplingParams  # torch: kept off the import path of `reasonrl --help` and config checks
@@ -122,7 +131,7 @@ def check_model(path: str) -> None:
 
 
 def eval_config(model_spec: str, run_config: Path | None, config_path: str | None, num_workers: int,
-                reward_workers: int, timeout: float | None) -> Config:
+                reward_workers: int, timeout: float | None, verifier: str = VERIFIER) -> Config:
     """The run's config (prompt template, dtype, Ray settings) with the eval's model, workers and verifier."""
     if run_config is not None and config_path is not None:
         raise ConfigError(f"--config: the model comes from a run whose {run_config} gives the prompt template; "
@@ -133,7 +142,7 @@ def eval_config(model_spec: str, run_config: Path | None, config_path: str | Non
     # training watchdog would report as stuck; an eval has no step rhythm to watch.
     cfg.trainer.watchdog_seconds = None
     cfg.rollout.num_workers = num_workers
-    cfg.reward = RewardConfig(functions=[RewardFunction(fn=VERIFIER)], accuracy=VERIFIER,
+    cfg.reward = RewardConfig(functions=[RewardFunction(fn=verifier)], accuracy=verifier,
                               num_workers=reward_workers, timeout_seconds=timeout)
     return cfg
 
@@ -141,15 +150,15 @@ def eval_config(model_spec: str, run_config: Path | None, config_path: str | Non
 # ------------------------------------------------------------------------------------ generation + scoring
 
 def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], params: SamplingParams, seed: int,
-                     benchmark: str, weights=None) -> tuple[list[dict], dict]:
+                     benchmark: str, weights=None, verifier: str = VERIFIER) -> tuple[list[dict], dict]:
     """Generate `params.n` responses per prompt on the rollout workers and score them with the verifier on the
     reward workers, through rl.scoring (the columns and verdict training uses). `weights`: the run's weight-sync
     owner when called from a training run (the workers must hold its version), None in a standalone eval.
     Returns (one record per response, verifier failure counts)."""
     k = params.n
     batch = rollouts.generate(prompts, params, seed, weights=weights)
-    scored = score_batch(rewards, rows, prompts, batch, k, {VERIFIER: 1.0}, VERIFIER)
-    result, scores = scored.result, scored.result.scores[VERIFIER]
+    scored = score_batch(rewards, rows, prompts, batch, k, {verifier: 1.0}, verifier)
+    result, scores = scored.result, scored.result.scores[verifier]
     records = []
     for i, (text, tokens) in enumerate(zip(batch.text, batch.tokens)):
         row = rows[i // k]
@@ -157,8 +166,8 @@ def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], pa
                         "completion": text, "tokens": tokens, "finish_reason": batch.finish_reason[i],
                         "extracted": last_boxed(text), "correct": bool(scored.correct[i]), "score": float(scores[i]),
                         **record_fields(row, text)})  # testbed rows: redundant / necessary step counts
-    failures = {"verifier_failures": result.failures.get(VERIFIER, 0),
-                "verifier_timeouts": result.timeouts.get(VERIFIER, 0)}
+    failures = {"verifier_failures": result.failures.get(verifier, 0),
+                "verifier_timeouts": result.timeouts.get(verifier, 0)}
     if result.errors:
         log.warning("verifier failures on %s: %s", benchmark, result.errors[:3])
     return records, failures
@@ -236,7 +245,7 @@ def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalS
             log.warning("%s: skipped %d rows without an answer and %d without a problem", name,
                         stats.get("skipped_no_answer", 0), stats.get("skipped_no_problem", 0))
     spec, run_config = locate_model(model)
-    cfg = eval_config(spec, run_config, config_path, num_workers, reward_workers, timeout)
+    cfg = eval_config(spec, run_config, config_path, num_workers, reward_workers, timeout, settings.verifier)
     model_path = resolve_model(spec, cfg.model.cache_dir)
     check_model(model_path)
     tokenizer = load_tokenizer(model_path)
@@ -244,7 +253,7 @@ def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalS
     out = Path(out).resolve()
     meta = {"model": model, "model_path": model_path, "run_config": str(run_config) if run_config else None,
             "system_prompt": cfg.data.system_prompt, "prompt_suffix": cfg.data.prompt_suffix,
-            **dataclasses.asdict(settings), "verifier": VERIFIER, "limit": limit,
+            **dataclasses.asdict(settings), "limit": limit,
             "benchmarks": {name: stats for name, (_, stats) in loaded.items()}}
     old = _check_resumable(out, meta, overwrite)
     meta["benchmarks"] = {**old.get("benchmarks", {}), **meta["benchmarks"]}  # earlier benchmarks stay listed
@@ -309,7 +318,8 @@ def _generate_all(cfg, model_path, out, loaded, plan, done, params, seed, failur
                 if not todo:
                     continue
                 records, fails = generate_records(groups[0], groups[1], [r for r, _ in todo], [p for _, p in todo],
-                                                  params, chunk_seed(seed, name, ci), name)
+                                                  params, chunk_seed(seed, name, ci), name,
+                                                  verifier=cfg.reward.accuracy)
                 append_records(path, records)
                 for key, v in fails.items():
                     failures[name][key] += v
@@ -332,8 +342,8 @@ def rescore(out: str | Path, timeout: float | None = 30.0) -> dict:
     if not (out / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"--rescore: {out} has no {SETTINGS_FILE} (not an eval folder)")
     meta = json.loads((out / SETTINGS_FILE).read_text())
-    metrics = {}
-    with IsolatedRewards([(VERIFIER, {})], timeout, chunk_size=64) as verifier:
+    metrics, verifier_name = {}, meta.get("verifier", VERIFIER)  # the eval's own verifier: a rescore must not switch it
+    with IsolatedRewards([(verifier_name, {})], timeout, chunk_size=64) as verifier:
         for name in meta["benchmarks"]:
             path = out / SAMPLES_DIR / f"{name}.jsonl"
             records = read_samples(path)
@@ -341,11 +351,11 @@ def rescore(out: str | Path, timeout: float | None = 30.0) -> dict:
                 continue
             texts = [r["completion"] for r in records]
             result = verifier.score([""] * len(texts), texts, {"answer": [r["answer"] for r in records]})
-            for r, s, text in zip(records, result.scores[VERIFIER], texts):
+            for r, s, text in zip(records, result.scores[verifier_name], texts):
                 r.update(score=float(s), correct=bool(s > 0.5), extracted=last_boxed(text))
             write_samples(path, records)
             metrics[name] = dict(benchmark_metrics(records, seed=meta.get("seed", 0),
                                                    budget=meta.get("max_new_tokens")),
-                                 verifier_failures=result.failures[VERIFIER], verifier_timeouts=result.timeouts[VERIFIER])
+                                 verifier_failures=result.failures[verifier_name], verifier_timeouts=result.timeouts[verifier_name])
     print(write_metrics(out, metrics, {"model": meta.get("model"), "rescored": True}), end="", flush=True)
     return metrics

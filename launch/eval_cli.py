@@ -26,7 +26,7 @@ def _eval(args) -> int:
     benchmarks = parse_benchmarks(args.benchmarks)
     settings = EvalSettings(samples=args.samples, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, chunk_problems=args.chunk_problems,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, verifier=args.verifier)
     out = args.out or str(Path("results") / Path(args.model.rstrip("/")).name.replace(":", "-"))
     run_eval(args.model, benchmarks, out, settings, data_dir=args.data_dir, limit=args.limit,
              num_workers=args.num_workers, reward_workers=args.reward_workers, config_path=args.config,
@@ -66,6 +66,9 @@ def add_eval_commands(sub) -> None:
                     "that is not a run folder)")
     ev.add_argument("--num-workers", type=int, default=1, help="rollout workers (data-parallel Ray actors)")
     ev.add_argument("--reward-workers", type=int, default=1, help="verifier workers")
+    ev.add_argument("--verifier", default="math_verify",
+                    help="reward that decides correct: registry name, module:function or file.py:function (default "
+                    "math_verify; exact_match where a boxed expression must not count, as on the testbed)")
     ev.add_argument("--timeout", type=float, default=30.0, help="verifier time limit per call, seconds")
     ev.add_argument("--chunk-problems", type=int, default=16, help="problems per generation round (resume unit)")
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per generate call in a worker")

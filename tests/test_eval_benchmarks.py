@@ -8,6 +8,7 @@ import pytest
 from eval import benchmarks
 from eval.benchmarks import BENCHMARKS, load_benchmark, parse_benchmarks, slug
 from eval.runner import complete_problems, locate_model, read_samples, rescore
+from rl.config import ConfigError
 from rl.data import DataError
 from tests.shared_data import DATA, needs_shared_data
 
@@ -129,6 +130,29 @@ def test_rescore_reverifies_saved_responses_without_generating(tmp_path):
     assert [(r["correct"], r["extracted"]) for r in after] == [(True, r"\frac{1}{2}"), (False, "4")]
     assert metrics["math500"]["accuracy"] == 0.5
     assert json.loads((out / "metrics.json").read_text())["benchmarks"]["math500"]["accuracy"] == 0.5
+
+
+def test_rescore_keeps_the_eval_s_own_verifier(tmp_path):
+    """An eval run with --verifier exact_match is re-scored with it: a boxed copy of the sum is not an answer."""
+    from eval.runner import EvalSettings
+
+    out = tmp_path / "ev"
+    (out / "samples").mkdir(parents=True)
+    meta = {"model": "m", "seed": 0, "benchmarks": {"heldout": {}}, "verifier": "exact_match"}
+    (out / "eval_config.json").write_text(json.dumps(meta))
+    recs = [{"problem_id": "p", "sample": 0, "answer": "5", "completion": r"\boxed{2 + 3}", "tokens": 7,
+             "finish_reason": "stop", "extracted": None, "correct": True},
+            {"problem_id": "q", "sample": 0, "answer": "5", "completion": r"\boxed{5}", "tokens": 5,
+             "finish_reason": "stop", "extracted": None, "correct": False}]
+    (out / "samples" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert rescore(out)["heldout"]["accuracy"] == 0.5
+    assert [r["correct"] for r in read_samples(out / "samples" / "heldout.jsonl")] == [False, True]
+    meta["verifier"] = "math_verify"  # the same responses under math_verify: the expression simplifies to 5
+    (out / "eval_config.json").write_text(json.dumps(meta))
+    assert rescore(out)["heldout"]["accuracy"] == 1.0
+    assert EvalSettings(verifier="exact_match").verifier == "exact_match"
+    with pytest.raises(ConfigError, match=r"--verifier: .*exact_mach"):
+        EvalSettings(verifier="exact_mach")
 
 
 def test_in_training_eval_keys_are_validated_with_the_config():
