@@ -263,11 +263,18 @@ def test_ctrl_c_and_sigterm_stop_the_run_cleanly(sig, tmp_path):
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     stdout, stderr = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "train", TINY, "trainer.max_steps=50", "trainer.save_every=1",
-         f"trainer.output_dir={out}", "trainer.eval_at_start=false", "trainer.eval_at_end=false",
-         "logging.progress=false", "logging.plots=false", "logging.tensorboard=false"],
-        cwd=ROOT, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    # A shell without job control starts background jobs with SIGINT ignored (`make test &`), the child inherits
+    # that through exec and Python then leaves Ctrl-C ignored: a handler here (reset to the default by exec) makes
+    # the run see the Ctrl-C a terminal would deliver, however the suite was started.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "train", TINY, "trainer.max_steps=50", "trainer.save_every=1",
+             f"trainer.output_dir={out}", "trainer.eval_at_start=false", "trainer.eval_at_end=false",
+             "logging.progress=false", "logging.plots=false", "logging.tensorboard=false"],
+            cwd=ROOT, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 900
         while not _has_step(out / "metrics.jsonl"):
