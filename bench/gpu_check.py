@@ -6,12 +6,12 @@ numbers, in under 8 minutes on one GPU.
     python bench/gpu_check.py --device cpu --only learner_bf16_zero0   # the same code on the CPU (tests use it)
 
 Items (each in its own process, with its own time limit, so one crash or hang does not hide the others):
-- learner_bf16_zero0 / learner_bf16_zero3: rl.engine.Engine in bf16, one rank, DeepSpeed in this process (no Ray):
+- learner_bf16_zero0 / learner_bf16_zero3: rl.learner.engine.Engine in bf16, one rank, DeepSpeed in this process (no Ray):
   one policy update on random sequences; the loss and grad norm are finite, the weights changed, the optimizer is the
-  one rl/engine.py asks for (BF16_Optimizer at stage 0, fp32 master weights); ZeRO-3's bucketed export equals an
+  one rl/learner/engine.py asks for (BF16_Optimizer at stage 0, fp32 master weights); ZeRO-3's bucketed export equals an
   export in one bucket.
-- rollout_transformers: rl.rollout.RolloutWorker on the device at top_p 0.9; its log-probs against a separate
-  learner-side model's (rl.batch.response_logprobs with the same truncation): max |diff| <= 2e-3 in float32, mean
+- rollout_transformers: rl.rollout.worker.RolloutWorker on the device at top_p 0.9; its log-probs against a separate
+  learner-side model's (rl.learner.batch.response_logprobs with the same truncation): max |diff| <= 2e-3 in float32, mean
   <= 0.05 in bfloat16.
 - vllm (if vLLM imports): engine start (sleep mode on), 8 samples of one prompt given twice are all distinct
   (per-request seeds), log-probs against the learner's, weights loaded from a learner state dict (changed greedy
@@ -106,10 +106,10 @@ def item_learner(model: str, device: str, zero: int) -> tuple[str, dict]:
     os.environ["DS_ACCELERATOR"] = device
     import torch
 
-    from rl.config import AlgorithmConfig, LearnerConfig
+    from rl.config.schema import AlgorithmConfig, LearnerConfig
     from rl.contracts import TrainSequence
-    from rl.engine import Engine
-    from rl.updates import plan_policy, run_update
+    from rl.learner.engine import Engine
+    from rl.learner.updates import plan_policy, run_update
 
     t0 = time.perf_counter()
     cfg = LearnerConfig(num_gpus_per_rank=1 if device == "cuda" else 0, zero_stage=zero, lr=1e-3, micro_batch_size=4)
@@ -142,9 +142,9 @@ def item_learner(model: str, device: str, zero: int) -> tuple[str, dict]:
 def item_rollout(model: str, device: str) -> tuple[str, dict]:
     import torch
 
-    from rl.batch import pad_pairs, response_logprobs, to_device
+    from rl.learner.batch import pad_pairs, response_logprobs, to_device
     from rl.models import load_policy
-    from rl.rollout import RolloutWorker, SamplingParams
+    from rl.rollout.worker import RolloutWorker, SamplingParams
 
     out, ok = {}, True
     for dtype, limit in (("float32", ("max", 2e-3)), ("bfloat16", ("mean", 0.05))):
@@ -169,11 +169,11 @@ def item_vllm(model: str, device: str) -> tuple[str, dict]:
     import numpy as np
     import torch
 
-    from rl.batch import pad_pairs, response_logprobs, to_device
+    from rl.learner.batch import pad_pairs, response_logprobs, to_device
     from rl.models import load_policy
-    from rl.rollout import SamplingParams
-    from rl.rollout_vllm import VllmRolloutWorker
-    from rl.vllm_support import EXTENSION_CLS
+    from rl.rollout.worker import SamplingParams
+    from rl.rollout.vllm_worker import VllmRolloutWorker
+    from rl.rollout.vllm_support import EXTENSION_CLS
 
     t0 = time.perf_counter()
     args = {"gpu_memory_utilization": 0.3, "enforce_eager": True, "max_model_len": 512, "enable_prefix_caching": True,

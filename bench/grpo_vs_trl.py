@@ -278,7 +278,7 @@ def summarize(reports: list[dict], peak_bytes: int, process_peaks: dict[int, int
 
 
 def run_cell(args, model_path: str, max_new_tokens: int, group_size: int, work: Path) -> dict:
-    from rl.data import generate_arith, render_prompt
+    from rl.data.loading import generate_arith, render_prompt
     from rl.models import load_tokenizer
 
     rows = generate_arith(0, args.prompts, 1, args.seed)["train"]  # the task of configs/demo.yaml

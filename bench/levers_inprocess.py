@@ -26,11 +26,11 @@ def main() -> int:
     import torch
 
     from bench.grpo_vs_trl import SYSTEM_PROMPT
-    from rl.algorithms import policy_loss
-    from rl.batch import pack_pairs, pad_pairs, prefix_pairs, response_logprobs
-    from rl.data import generate_arith, render_prompt
+    from rl.algo.core import policy_loss
+    from rl.learner.batch import pack_pairs, pad_pairs, prefix_pairs, response_logprobs
+    from rl.data.loading import generate_arith, render_prompt
     from rl.models import load_policy, resolve_model
-    from rl.rollout import RolloutWorker, SamplingParams
+    from rl.rollout.worker import RolloutWorker, SamplingParams
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)

@@ -1,5 +1,5 @@
 """The collective weight sync alone: learner rank 0 -> one rollout worker, two processes on this machine, SmolLM2's
-parameters through rl.weight_sync.Endpoint (gloo), as `reasonrl train` runs it with `weight_sync.mode: collective`.
+parameters through rl.sync.transport.Endpoint (gloo), as `reasonrl train` runs it with `weight_sync.mode: collective`.
 
     python bench/weight_sync.py --rounds 5      # writes bench/results/weight_sync.json
 
@@ -23,7 +23,7 @@ def _member(rank: int, port: int, args: argparse.Namespace, queue) -> None:
     import torch
 
     from rl.models import load_policy, resolve_model
-    from rl.weight_sync import Endpoint
+    from rl.sync.transport import Endpoint
 
     torch.set_num_threads(args.threads)
     params = list(load_policy(resolve_model(args.model)).named_parameters())

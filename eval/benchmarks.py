@@ -1,7 +1,7 @@
 """Benchmarks by name: where each one lives on the hub and in a local data folder, and loading them as rows.
 
 By default a named benchmark loads from the hub dataset the community evaluates on (through `datasets`, the same
-code path as training data: rl.data.load_rows). With a data folder (`--data-dir DIR` or $REASONRL_DATA_DIR) it
+code path as training data: rl.data.loading.load_rows). With a data folder (`--data-dir DIR` or $REASONRL_DATA_DIR) it
 reads `DIR/<file>.jsonl` with `id`/`problem`/`answer` instead. Anything else with `problem`/`answer` columns works
 too: a `.jsonl`/`.json`/`.parquet` path, or a hub id (`org/name`, optionally `org/name:split`).
 """
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl.data import DataError, load_rows
+from rl.data.loading import DataError, load_rows
 
 DATA_DIR_ENV = "REASONRL_DATA_DIR"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from eval.metrics import benchmark_metrics, per_problem_means
 from eval.runner import SAMPLES_DIR, SETTINGS_FILE, read_samples
 from eval.stats import paired_difference_ci, paired_ratio_ci
-from rl.data import DataError
-from rl.fsutil import write_atomic
+from rl.data.loading import DataError
+from rl.store.atomic import write_atomic
 
 # Settings that make two evals measure different things (greedy vs sampled decoding, budget and answer extraction
 # are the usual reasons an in-training score and an offline one disagree); a difference is reported, not hidden.

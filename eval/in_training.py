@@ -17,9 +17,9 @@ from eval.benchmarks import BENCHMARKS, data_dir_from, load_benchmark, parse_ben
 from eval.metrics import benchmark_metrics
 from eval.runner import (SAMPLES_DIR, SETTINGS_FILE, VERIFIER, EvalSettings, chunk_seed, generate_records,
                          write_metrics, write_samples)
-from rl.config import Config, ConfigError, RewardConfig, RewardFunction
-from rl.data import DataError, render_prompt
-from rl.fsutil import write_atomic
+from rl.config.schema import Config, ConfigError, RewardConfig, RewardFunction
+from rl.data.loading import DataError, render_prompt
+from rl.store.atomic import write_atomic
 from rl.models import load_tokenizer, resolve_model
 
 KEY = "trainer.eval_benchmarks"
@@ -28,7 +28,7 @@ KEY = "trainer.eval_benchmarks"
 def check_eval_benchmarks(cfg: Config) -> Config:
     """Check `trainer.eval_benchmarks` and store it normalised (stripped, in order, without duplicates).
 
-    rl.config cannot know benchmark names (rl never imports eval), so the launch layer calls this on every path
+    rl.config.schema cannot know benchmark names (rl never imports eval), so the launch layer calls this on every path
     that loads a training config, before any actor starts. Raises ConfigError naming the key, in one line.
     """
     names = cfg.trainer.eval_benchmarks
@@ -87,7 +87,7 @@ class BenchmarkEval:
         """Evaluate every benchmark at the current weights (`run`: the trainer's view of the run: rollouts, weights,
         metrics); returns `eval/<benchmark>/<metric>` values for the step's metrics row and logs the full metrics as
         a `benchmark_eval` event."""
-        from rl.cluster import RewardGroup  # ray and torch: imported once an eval is due, not to check a config
+        from rl.scoring.group import RewardGroup  # ray and torch: imported once an eval is due, not to check a config
 
         if self._rewards is None:  # its own verifier-only worker: training rewards may not include math_verify
             cfg = self.cfg.model_copy(deep=True)
@@ -110,7 +110,7 @@ class BenchmarkEval:
                         f"eval/{name}/tokens_mean": m["tokens"]["mean"],
                         f"eval/{name}/truncation_rate": m["truncation_rate"],
                         f"eval/{name}/act": float("nan") if m["act"] is None else m["act"]})
-            if "redundancy_rate" in m:  # a testbed benchmark (rl/testbed.py): redundancy beside length
+            if "redundancy_rate" in m:  # a testbed benchmark (rl/data/testbed.py): redundancy beside length
                 row[f"eval/{name}/redundancy_rate"] = m["redundancy_rate"]
             print(f"step {step} {name}: accuracy {m['accuracy']:.3f} [{m['accuracy_ci'][0]:.3f}, "
                   f"{m['accuracy_ci'][1]:.3f}], {m['tokens']['mean']:.0f} tokens", flush=True)
@@ -124,7 +124,7 @@ class BenchmarkEval:
     def close(self) -> None:
         """Stop the verifier worker (if an eval started one); the trainer calls it however the run ends."""
         if self._rewards is not None:
-            from rl.cluster import shutdown  # already imported by run(): the worker exists only after one
+            from rl.cluster.session import shutdown  # already imported by run(): the worker exists only after one
 
             shutdown(self._rewards)
             self._rewards = None

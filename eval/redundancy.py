@@ -1,4 +1,4 @@
-"""Redundancy beside length, for evals on testbed problems (rl/testbed.py): per record the steps rewards.testbed's
+"""Redundancy beside length, for evals on testbed problems (rl/data/testbed.py): per record the steps rewards.testbed's
 counter finds, per benchmark their means, and a small Markdown table.
 
 A record carries `redundant_steps` / `necessary_steps` only when its problem row came from the testbed (a `testbed`

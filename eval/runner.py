@@ -2,9 +2,9 @@
 
 Why it is built from the training pieces rather than beside them: an eval that decodes, budgets or extracts answers
 differently from training reports numbers that disagree with the training signal. So generation goes through
-rl.cluster.RolloutGroup (data-parallel over Ray workers, the same `generate` and sampling config as training), prompts
-through rl.data.render_prompt with the template of the run that produced the checkpoint (its config.yaml), and
-scoring through rl.cluster.RewardGroup with the `math_verify` reward (`rewards.resolve("math_verify")`, in an
+rl.rollout.group.RolloutGroup (data-parallel over Ray workers, the same `generate` and sampling config as training), prompts
+through rl.data.loading.render_prompt with the template of the run that produced the checkpoint (its config.yaml), and
+scoring through rl.scoring.group.RewardGroup with the `math_verify` reward (`rewards.resolve("math_verify")`, in an
 isolated child process with a time limit). Train-time and eval-time answer extraction are the same function.
 
 Output folder:
@@ -31,15 +31,15 @@ from eval.metrics import benchmark_metrics, markdown_table
 from eval.redundancy import record_fields
 from rewards.isolation import IsolatedRewards, cap_log_messages
 from rewards.math import last_boxed
-from rl.config import Config, ConfigError, RewardConfig, RewardFunction, load_config
-from rl.data import render_prompt
-from rl.fsutil import write_atomic
-from rl.metrics import read_metrics
+from rl.config.schema import Config, ConfigError, RewardConfig, RewardFunction, load_config
+from rl.data.loading import render_prompt
+from rl.store.atomic import write_atomic
+from rl.store.metrics import read_metrics
 from rl.models import ModelError, load_tokenizer, resolve_model
-from rl.scoring import score_batch
+from rl.scoring.score import score_batch
 
-if TYPE_CHECKING:  # rl.rollout imports torch and transformers: only where generation really happens
-    from rl.rollout import SamplingParams
+if TYPE_CHECKING:  # rl.rollout.worker imports torch and transformers: only where generation really happens
+    from rl.rollout.worker import SamplingParams
 
 log = logging.getLogger("reasonrl.eval")
 cap_log_messages(log)  # its verifier-failure warnings quote the verifier's errors
@@ -82,7 +82,7 @@ class EvalSettings:
             raise ConfigError(f"--verifier: {err}") from err
 
     def sampling(self) -> SamplingParams:
-        from rl.rollout import SamplingParams  # torch: kept off the import path of `reasonrl --help` and config checks
+        from rl.rollout.worker import SamplingParams  # torch: kept off the import path of `reasonrl --help` and config checks
 
         return SamplingParams(n=self.samples, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=0, greedy=self.greedy, batch_size=self.batch_size,
@@ -152,7 +152,7 @@ def eval_config(model_spec: str, run_config: Path | None, config_path: str | Non
 def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], params: SamplingParams, seed: int,
                      benchmark: str, weights=None, verifier: str = VERIFIER) -> tuple[list[dict], dict]:
     """Generate `params.n` responses per prompt on the rollout workers and score them with the verifier on the
-    reward workers, through rl.scoring (the columns and verdict training uses). `weights`: the run's weight-sync
+    reward workers, through rl.scoring.score (the columns and verdict training uses). `weights`: the run's weight-sync
     owner when called from a training run (the workers must hold its version), None in a standalone eval.
     Returns (one record per response, verifier failure counts)."""
     k = params.n
@@ -291,11 +291,15 @@ def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalS
 
 
 def _generate_all(cfg, model_path, out, loaded, plan, done, params, seed, failures, progress) -> None:
-    # Ray and torch (through rl.cluster) only once every input is checked and there is something to generate.
+    # Ray and torch (through rl.cluster.session) only once every input is checked and there is something to generate.
     import ray.exceptions
     from tqdm import tqdm
 
-    from rl.cluster import RewardGroup, RolloutGroup, init_ray, shutdown
+    from rl.cluster.session import init_ray, shutdown
+
+    from rl.scoring.group import RewardGroup
+
+    from rl.rollout.group import RolloutGroup
 
     init_ray(cfg)
     groups: list = []

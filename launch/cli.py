@@ -12,9 +12,9 @@ from launch.eval_cli import add_eval_commands
 from launch.preference_cli import add_preference_commands
 from launch.submit import add_commands as add_job_commands
 from launch.testbed_cli import add_testbed_command
-from rl import checkpoint
-from rl.config import ConfigError
-from rl.data import DataError
+from rl.store import checkpoint
+from rl.config.schema import ConfigError
+from rl.data.loading import DataError
 from rl.models import ModelError
 
 
@@ -47,7 +47,7 @@ def _train(args) -> int:
     import ray.exceptions
 
     from rl.trainer import RunInterrupted
-    from rl.watchdog import StuckError
+    from rl.cluster.watchdog import StuckError
 
     try:
         summary = train_run(cfg, resume=bool(args.resume))

@@ -4,7 +4,7 @@ Nothing starts: no Ray cluster or actor, no model download or conversion, no dat
 be checked here: the whole config schema (as a real run), benchmark names, reward specs, which roles the run starts
 and what each actor reserves. What depends on the machine the run is meant for (vllm installed, enough GPUs visible,
 a hub model in the cache) is reported as a warning, so a GPU recipe can be validated on a laptop; a real run still
-fails on those (rl.config.environment_problems).
+fails on those (rl.config.schema.environment_problems).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from rl.config import Config, dump_config, environment_problems
+from rl.config.schema import Config, dump_config, environment_problems
 from rl.steps import make_step
 
 
@@ -21,8 +21,8 @@ def run_roles(cfg: Config) -> tuple[tuple[str, ...], list[str]]:
 
     Mirrors the trainer: the step kind's roles, plus rollout + reward for the held-out task accuracy (when the data
     has a held-out split and eval_size > 0), plus rollout for the benchmark eval hook (trainer.eval_every)."""
-    from rl.placement import ROLES
-    from rl.prompts import eval_source
+    from rl.cluster.placement import ROLES
+    from rl.data.prompts import eval_source
     from rl.steps import make_step  # torch and transformers, imported: nothing is loaded or started
 
     wanted, why = set(make_step(cfg).roles), []
@@ -40,7 +40,7 @@ def run_roles(cfg: Config) -> tuple[tuple[str, ...], list[str]]:
 
 def placement_plan(cfg: Config, roles: tuple[str, ...]) -> dict:
     """Per role: actors, what each reserves, the placement group (strategy, bundle) or none, colocation."""
-    from rl.placement import colocated, reservations, role_shape
+    from rl.cluster.placement import colocated, reservations, role_shape
 
     groups, together = reservations(cfg, roles), colocated(cfg, roles)
     plan = {"colocate": together, "roles": {}}
@@ -104,7 +104,7 @@ def _data_line(source: str, split: str, limit: int | None) -> str:
 def dry_run(cfg: Config, resume: bool = False) -> int:
     """Print the resolved config, the placement plan and the warnings; exit code 0 (a config error never gets
     here: it fails while loading, as for a real run)."""
-    from rl.engine import deepspeed_config
+    from rl.learner.engine import deepspeed_config
 
     roles, why = run_roles(cfg)
     plan = placement_plan(cfg, roles)
@@ -123,7 +123,7 @@ def dry_run(cfg: Config, resume: bool = False) -> int:
     print(f"learner: {ranks} rank(s), DeepSpeed ZeRO-{cfg.learner.zero_stage}, bf16={ds['bf16']['enabled']}, "
           f"lr {cfg.learner.lr}, micro-batch {cfg.learner.micro_batch_size}, gradient checkpointing "
           f"{cfg.learner.gradient_checkpointing}")
-    print("\n# placement plan (rl/placement.py)")
+    print("\n# placement plan (rl/cluster/placement.py)")
     print(f"roles started: {', '.join(roles)}" + "".join(f"\n  - {w}" for w in why))
     for role, e in plan["roles"].items():
         pg = e["placement_group"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rl.config import ConfigError
+from rl.config.schema import ConfigError
 
 
 def _eval(args) -> int:

@@ -22,8 +22,8 @@ import yaml
 
 from launch.experiment_report import build_report, end_eval, write_report
 from launch.run import load_training_config, train_run
-from rl.config import Config, ConfigError, dump_config, load_config
-from rl.metrics import EVENTS_FILE
+from rl.config.schema import Config, ConfigError, dump_config, load_config
+from rl.store.metrics import EVENTS_FILE
 
 SHARED_SECTIONS = ("model", "data", "rollout", "learner", "trainer", "ray")
 # Keys of the shared sections that belong to the method (docs/algorithms.md, "GDRO"): the data and the budget stay

@@ -18,8 +18,8 @@ import numpy as np
 
 from eval.budget import accuracy_at_budget
 from eval.stats import bootstrap_ci, paired_difference_ci, paired_ratio_ci
-from rl.config import Config
-from rl.metrics import EVENTS_FILE, METRICS_FILE, read_metrics
+from rl.config.schema import Config
+from rl.store.metrics import EVENTS_FILE, METRICS_FILE, read_metrics
 
 START = "start policy"  # the frontier's label for the shared start (a config stem has no space in practice)
 FRONTIER_POINTS = 4  # budgets per doubling on the frontier (eval.budget.budget_grid)

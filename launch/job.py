@@ -73,7 +73,7 @@ def staged_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     check_interpreter()
     argv = staged_argv(list(sys.argv[1:] if argv is None else argv))
-    # Only after the check: launch.cli imports pydantic and yaml (through rl.config) at module level.
+    # Only after the check: launch.cli imports pydantic and yaml (through rl.config.schema) at module level.
     from launch.cli import main as cli_main
 
     return cli_main(argv)

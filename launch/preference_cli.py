@@ -1,6 +1,6 @@
-"""`reasonrl pref-eval` and `reasonrl pref-build`: subcommands for TODO / DPO (logic in rl/preference_tools.py).
+"""`reasonrl pref-eval` and `reasonrl pref-build`: subcommands for TODO / DPO (logic in launch/preference_tools.py).
 
-The handlers import their logic when they run: rl.preference_tools needs torch, ray and transformers, and launch.run
+The handlers import their logic when they run: launch.preference_tools needs torch, ray and transformers, and launch.run
 the reward registry (math-verify, sympy), while `reasonrl --help` imports this module.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 
 
 def _pref_eval(args) -> int:
-    from rl.preference_tools import pref_eval
+    from launch.preference_tools import pref_eval
 
     result = pref_eval(args.run, args.pairs, args.policy, args.limit)
     print(json.dumps(result, indent=1))
@@ -21,7 +21,7 @@ def _pref_eval(args) -> int:
 
 def _pref_build(args) -> int:
     from launch.run import load_training_config
-    from rl.preference_tools import build_preference_set
+    from launch.preference_tools import build_preference_set
 
     cfg = load_training_config(args.config, args.overrides)
     summary = build_preference_set(cfg, args.out, args.train_prompts, args.eval_prompts)

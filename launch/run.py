@@ -13,12 +13,12 @@ from pathlib import Path
 
 from eval.in_training import BenchmarkEval, check_eval_benchmarks
 from rewards.isolation import cap_log_messages
-from rl.config import Config, load_config
+from rl.config.schema import Config, load_config
 
 
 def load_training_config(path: str | Path | None, overrides: list[str] = (), *, name: str | None = None,
                          check_environment: bool = True, presets: list[str] = ()) -> Config:
-    """rl.config.load_config plus the checks only the layers above rl can make (benchmark names). Every launch
+    """rl.config.schema.load_config plus the checks only the layers above rl can make (benchmark names). Every launch
     path that trains loads its config through here, so a typo fails in one line before anything starts.
     check_environment=False: for `train --dry-run`, which reports what this machine lacks as warnings."""
     return check_eval_benchmarks(load_config(path, list(overrides), name=name, check_environment=check_environment,
@@ -44,7 +44,7 @@ def quiet_library_progress() -> None:
     """Turn off transformers' own progress bars in this (the driver's) process: "Writing model shards" when a tiny or
     bundled model is converted and "Loading weights" would break up the run's progress bar. Hub downloads keep
     theirs (a multi-GB download needs one, and it happens before the run's bar starts). The actors get the same
-    through rl.cluster.init_ray. A user who set HF_HUB_DISABLE_PROGRESS_BARS either way is obeyed."""
+    through rl.cluster.session.init_ray. A user who set HF_HUB_DISABLE_PROGRESS_BARS either way is obeyed."""
     if "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ:
         return
     import datasets

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from rl.config import ConfigError, dump_config
-from rl.ray_auth import apply_auth_mode, resolve_auth_mode
+from rl.config.schema import ConfigError, dump_config
+from rl.cluster.auth import apply_auth_mode, resolve_auth_mode
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "reasonrl_job_files"  # the name launch/job.py looks for (it cannot import this module before its check)
@@ -83,7 +83,7 @@ def stage_rewards(functions: list[dict], stage: Path) -> list[dict]:
 
 
 def _job_env(auth_mode: str) -> dict:
-    from rl.cluster import FORWARDED_ENV  # rl.cluster imports ray and torch; `reasonrl --help` imports this module
+    from rl.cluster.session import FORWARDED_ENV  # rl.cluster.session imports ray and torch; `reasonrl --help` imports this module
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.update(RAY_AUTH_MODE=auth_mode, TOKENIZERS_PARALLELISM="false", RAY_OVERRIDE_JOB_RUNTIME_ENV="1")

@@ -1,20 +1,20 @@
-"""`reasonrl testbed`: write the verbose-reasoner testbed (rl/testbed.py) into a folder.
+"""`reasonrl testbed`: write the verbose-reasoner testbed (rl/data/testbed.py) into a folder.
 
-rl.testbed and the tokenizer are imported inside the handler, so `reasonrl --help` stays instant.
+rl.data.testbed and the tokenizer are imported inside the handler, so `reasonrl --help` stays instant.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from rl.config import ConfigError
+from rl.config.schema import ConfigError
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 
 
 def _testbed(args) -> int:
     from rl.models import load_tokenizer, resolve_model
-    from rl.testbed import DEFAULT_DIFFICULTY, DEFAULT_MAX_REDUNDANT, DEFAULT_MIN_REDUNDANT, DIFFICULTIES, generate
+    from rl.data.testbed import DEFAULT_DIFFICULTY, DEFAULT_MAX_REDUNDANT, DEFAULT_MIN_REDUNDANT, DIFFICULTIES, generate
 
     if args.difficulty is None:
         args.difficulty = DEFAULT_DIFFICULTY
@@ -47,7 +47,7 @@ def add_testbed_command(sub) -> None:
                         "RL training and held-out problems whose steps `count_steps` can tell apart")
     tb.add_argument("--out", required=True, help="output folder (files are replaced)")
     tb.add_argument("--seed", type=int, default=0)
-    # Defaults of None are rl.testbed's own (not imported here: rewards/ pulls in math-verify and sympy).
+    # Defaults of None are rl.data.testbed's own (not imported here: rewards/ pulls in math-verify and sympy).
     tb.add_argument("--difficulty", type=int, default=None,
                     help="0: 3-digit sums, 1: 4-digit +/- (the default), 2: 5-digit +/-, 3: 2-digit x 2-digit "
                     "products, 4: 3-digit x 2-digit products")

@@ -125,7 +125,7 @@ def _die_with_parent() -> None:
 
 
 def _stack_dump_on_sigusr1() -> None:
-    """The watchdog's fallback stack dump (rl.watchdog, when py-spy cannot attach): its worker exports where
+    """The watchdog's fallback stack dump (rl.cluster.watchdog, when py-spy cannot attach): its worker exports where
     faulthandler writes; a hanging reward's frame is in this process, not in the worker waiting for it."""
     pattern = os.environ.get("REASONRL_STACK_FILE")
     if pattern:

@@ -2,7 +2,7 @@
 reads any response back (a model's, possibly malformed) and counts its necessary and redundant steps.
 
 Both live here, in the verifier layer, so the writer and the reader of a line format cannot drift apart, and so that
-eval/ and rl/ (the generator, rl/testbed.py) can use them while rewards/ imports neither.
+eval/ and rl/ (the generator, rl/data/testbed.py) can use them while rewards/ imports neither.
 
 A problem is `What is A op B?` with op `+`, `-` (A >= B) or `*`. Its *necessary* steps, one line each:
   column sums       `Tens: 4 + 8 + 1 = 13, write 3, carry 1.`    (top digit + bottom digit + carry in)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 class StaleWeightsError(RuntimeError):
     """Raised by a recreated rollout worker asked to generate before it got the current weights back (handled by
-    rl.watchdog.call_all). Defined here, not in rl.watchdog, so a rollout worker imports without Ray
+    rl.cluster.watchdog.call_all). Defined here, not in rl.cluster.watchdog, so a rollout worker imports without Ray
     (bench/gpu_check.py runs one on a machine that has no Ray)."""
 
 

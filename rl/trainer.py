@@ -2,7 +2,7 @@
 resume, the step loop, checkpoints, held-out evaluation and hooks, teardown, and a clean stop on Ctrl-C / SIGTERM.
 
 What a step does is the algorithm's (rl/steps/: one step kind per `algorithm.name`); everything distributed sits
-behind rl.cluster and rl.weights, everything numerical in rl.algorithms. Hooks (the in-training benchmark eval) come
+behind rl.cluster.session and rl.sync.owner, everything numerical in rl.algo.core. Hooks (the in-training benchmark eval) come
 in from the layers above through `train(hooks=...)`, so nothing here imports them.
 """
 from __future__ import annotations
@@ -15,18 +15,21 @@ import threading
 import time
 from pathlib import Path
 
-from rl import checkpoint
-from rl.cluster import LearnerGroup, RewardGroup, RolloutGroup, init_ray, shutdown
-from rl.config import Config, ConfigError, dump_config
-from rl.data import PromptSampler
-from rl.fsutil import write_atomic
-from rl.gpu_config import check_run_environment
-from rl.metrics import MetricsLogger, plot_curves
+from rl.store import checkpoint
+from rl.cluster.session import init_ray, shutdown
+from rl.learner.group import LearnerGroup
+from rl.scoring.group import RewardGroup
+from rl.rollout.group import RolloutGroup
+from rl.config.schema import Config, ConfigError, dump_config
+from rl.data.loading import PromptSampler
+from rl.store.atomic import write_atomic
+from rl.config.gpu import check_run_environment
+from rl.store.metrics import MetricsLogger, plot_curves
 from rl.models import load_tokenizer, resolve_model
-from rl.placement import ROLES, Placement, node_map
-from rl.prompts import sampling_params
+from rl.cluster.placement import ROLES, Placement, node_map
+from rl.data.prompts import sampling_params
 from rl.steps import Run, Step, make_step
-from rl.weights import WeightSync
+from rl.sync.owner import WeightSync
 
 log = logging.getLogger("reasonrl")
 
@@ -91,7 +94,7 @@ def train(cfg: Config, resume: bool = False, step_callback=None, hooks=()) -> di
 
     wanted = set(step_kind.roles) | ({"rollout", "reward"} if eval_rows else set()) | ({"rollout"} if hooks else set())
     roles = tuple(r for r in ROLES if r in wanted)
-    sampler = step_kind.make_sampler(items)  # rl.data.PromptSampler unless the step draws otherwise
+    sampler = step_kind.make_sampler(items)  # rl.data.loading.PromptSampler unless the step draws otherwise
     progress = {"step": 0}
     init_ray(cfg)
     groups: list = []

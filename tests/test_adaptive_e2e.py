@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl.config import load_config
-from rl.data import PromptSampler, load_rows
+from rl.config.schema import load_config
+from rl.data.loading import PromptSampler, load_rows
 from rl.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent

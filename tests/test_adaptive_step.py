@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from rewards.isolation import RewardResult
-from rl.config import load_config
+from rl.config.schema import load_config
 from rl.contracts import RolloutBatch
-from rl.data import PromptSampler
-from rl.scoring import ScoredBatch, group_sizes
+from rl.data.loading import PromptSampler
+from rl.scoring.score import ScoredBatch, group_sizes
 from rl.steps import make_step
 from rl.steps.adaptive import AdaptivePolicyStep
 from rl.steps.policy import PolicyGradientStep

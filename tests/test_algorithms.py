@@ -1,10 +1,10 @@
-"""Tests for rl/algorithms.py against hand-computed numbers (arithmetic in the comments)."""
+"""Tests for rl/algo/core.py against hand-computed numbers (arithmetic in the comments)."""
 import math
 
 import pytest
 import torch
 
-from rl.algorithms import (
+from rl.algo.core import (
     LOSS_AGG_MODES,
     entropy_from_logits,
     grpo_advantages,

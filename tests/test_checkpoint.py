@@ -1,6 +1,6 @@
 import json
 
-from rl import checkpoint
+from rl.store import checkpoint
 
 
 def _fake_save(out, step, keep=2):

@@ -16,7 +16,7 @@ import yaml
 
 from launch.cli import main
 from launch.submit import client, wait
-from rl import checkpoint
+from rl.store import checkpoint
 from tests.ray_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -114,7 +114,7 @@ def test_dead_learner_rank_stops_cleanly_then_submit_resume_continues_without_re
     assert main(["submit", "--resume", str(out), "--wait", "--address", cluster.dashboard_url]) == 0
     assert _steps(out) == [1, 2, 3, 4, 5, 6]
     # Resume restored the data order: exactly the prompts of an uninterrupted run, none replayed, none skipped.
-    from rl.data import PromptSampler, load_rows
+    from rl.data.loading import PromptSampler, load_rows
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())  # names the staged reward module: not loadable here
     rows, _ = load_rows("arith", "train", arith=cfg["data"]["arith"])

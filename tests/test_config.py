@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from launch.cli import main
-from rl.config import Config, ConfigError, dump_config, load_config
+from rl.config.schema import Config, ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def test_existing_run_folder_is_never_mixed_into(tmp_path, capsys):
 def test_resume_refuses_another_seed_before_starting_anything(tmp_path, capsys):
     import ray
 
-    from rl import checkpoint
+    from rl.store import checkpoint
 
     run = tmp_path / "run"
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"trainer.output_dir={run}"])
@@ -107,7 +107,7 @@ def test_resume_refuses_another_seed_before_starting_anything(tmp_path, capsys):
 
 
 def test_fgo_defaults_and_std_scaling_resolution():
-    from rl.config import load_config
+    from rl.config.schema import load_config
 
     assert load_config(None, []).algorithm.scale_by_std is True  # GRPO
     fgo = load_config(None, ["algorithm.name=fgo"]).algorithm

@@ -60,16 +60,16 @@ def test_cap_applies_to_formatted_arguments_and_leaves_short_messages_alone():
 
 
 def test_actors_get_progress_bars_off_and_deepspeed_told_the_accelerator(monkeypatch):
-    import rl.cluster
-    from rl.config import load_config
+    import rl.cluster.session
+    from rl.config.schema import load_config
 
     seen = []
-    monkeypatch.setattr(rl.cluster.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(rl.cluster.ray, "init", lambda **kw: seen.append(kw))
+    monkeypatch.setattr(rl.cluster.session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(rl.cluster.session.ray, "init", lambda **kw: seen.append(kw))
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "DS_ACCELERATOR", "RAY_AUTH_MODE", "RAY_OVERRIDE_JOB_RUNTIME_ENV",
                  "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    rl.cluster.init_ray(load_config(ROOT / "configs/tiny.yaml"))
+    rl.cluster.session.init_ray(load_config(ROOT / "configs/tiny.yaml"))
     env = seen[-1]["runtime_env"]["env_vars"]
     assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and env["DS_ACCELERATOR"] == "cpu"
     assert os.environ["DS_ACCELERATOR"] == "cpu"  # the driver, should it import DeepSpeed
@@ -78,7 +78,7 @@ def test_actors_get_progress_bars_off_and_deepspeed_told_the_accelerator(monkeyp
     assert os.environ["RAY_AUTH_TOKEN"] not in repr(seen[-1])
     monkeypatch.delenv("DS_ACCELERATOR")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's choice wins
-    rl.cluster.init_ray(load_config(ROOT / "configs/tiny.yaml", ["rollout.num_gpus=1"]))
+    rl.cluster.session.init_ray(load_config(ROOT / "configs/tiny.yaml", ["rollout.num_gpus=1"]))
     env = seen[-1]["runtime_env"]["env_vars"]
     assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == "0" and "DS_ACCELERATOR" not in env  # placement sets it per role
 

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rl.algorithms import importance_log_weights, policy_loss
-from rl.config import ConfigError, load_config
-from rl.groups import dynamic_sampling, group_variances, is_varying
+from rl.algo.core import importance_log_weights, policy_loss
+from rl.config.schema import ConfigError, load_config
+from rl.algo.groups import dynamic_sampling, group_variances, is_varying
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -74,7 +74,7 @@ class _Learner:
 
 def _update(cfg, finish_reason):
     from rl.contracts import RolloutBatch
-    from rl.scoring import ScoredBatch
+    from rl.scoring.score import ScoredBatch
     from rewards.isolation import RewardResult
     from rl.steps.policy import PolicyGradientStep
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.data import (DataError, PromptSampler, filter_long_prompts, generate_arith, load_rows,
+from rl.data.loading import (DataError, PromptSampler, filter_long_prompts, generate_arith, load_rows,
                      render_prompt)
 from tests.shared_data import DATA, needs_shared_data
 
@@ -156,7 +156,7 @@ def test_load_rows_skips_malformed_jsonl_lines_and_names_them(tmp_path):
 
 
 def test_read_jsonl_required_fields_columns_and_bad_line_cap(tmp_path):
-    from rl.data import MAX_BAD_LINES, read_jsonl
+    from rl.data.loading import MAX_BAD_LINES, read_jsonl
 
     path = tmp_path / "x.jsonl"
     body = [json.dumps({"messages": [{"role": "user", "content": "hi"}], "tag": 1, "tie": False}),

@@ -16,7 +16,7 @@ import pytest
 import ray
 import torch
 
-from rl.config import load_config
+from rl.config.schema import load_config
 from rl.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def test_two_ranks_zero2_checkpoint_and_resume_match_uninterrupted(uninterrupted
 
     # Negative control: the same resume with the data order not restored must fail that comparison (it would
     # pass anyway if the metrics did not depend on what the checkpoint restores).
-    from rl.data import PromptSampler
+    from rl.data.loading import PromptSampler
 
     monkeypatch.setattr(PromptSampler, "load_state_dict", lambda self, state: None)
     train(_cfg(tmp_path / "unrestored", "trainer.max_steps=4", *RESUMED), resume=True)
@@ -112,7 +112,7 @@ def test_two_ranks_zero2_checkpoint_and_resume_match_uninterrupted(uninterrupted
 
 KILLED_IN_COMMIT = textwrap.dedent("""
     import json, os, signal, sys
-    from rl import checkpoint
+    from rl.store import checkpoint
 
     real = checkpoint.commit
 
@@ -140,7 +140,7 @@ def test_resume_after_kill_9_of_the_driver_inside_a_checkpoint_write_matches_uni
     proc = subprocess.run([sys.executable, "-c", KILLED_IN_COMMIT, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
-    from rl import checkpoint
+    from rl.store import checkpoint
 
     assert (out / "checkpoints/.tmp-step-000004/deepspeed").is_dir()  # killed mid-write, half a checkpoint there
     assert checkpoint.latest(out).name == "step-000002"
@@ -163,11 +163,13 @@ def test_resume_without_checkpoint_fails_before_starting_actors(tmp_path):
 
 @pytest.mark.parametrize("stage,sync", [(2, "collective"), (2, "object_store"), (3, "collective")])
 def test_rollout_logprobs_match_learner_after_sync(tmp_path, stage, sync):
-    from rl.cluster import LearnerGroup, RolloutGroup, init_ray, shutdown
+    from rl.cluster.session import init_ray, shutdown
+    from rl.learner.group import LearnerGroup
+    from rl.rollout.group import RolloutGroup
     from rl.contracts import TrainSequence
     from rl.models import resolve_model
-    from rl.rollout import SamplingParams
-    from rl.weights import WeightSync
+    from rl.rollout.worker import SamplingParams
+    from rl.sync.owner import WeightSync
 
     cfg = _cfg(tmp_path, "learner.num_ranks=2", f"learner.zero_stage={stage}", "rollout.temperature=0.9",
                "learner.lr=1e-3", f"weight_sync.mode={sync}")
@@ -204,10 +206,11 @@ def test_rollout_logprobs_match_learner_after_sync(tmp_path, stage, sync):
 
 def test_update_does_not_depend_on_ranks_or_micro_batches(tmp_path):
     """Same batch through (1 rank, micro 8) and (2 ranks, micro 1): same loss and same global gradient norm."""
-    from rl.cluster import LearnerGroup, init_ray, shutdown
+    from rl.cluster.session import init_ray, shutdown
+    from rl.learner.group import LearnerGroup
     from rl.models import resolve_model
     from rl.contracts import TrainSequence
-    from rl.rollout import RolloutWorker, SamplingParams
+    from rl.rollout.worker import RolloutWorker, SamplingParams
 
     path = resolve_model("tiny:llama")
     out = RolloutWorker(path).generate(["What is 2 + 2?", "Name a colour."], SamplingParams(n=4, max_new_tokens=10),

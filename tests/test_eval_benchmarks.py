@@ -8,8 +8,8 @@ import pytest
 from eval import benchmarks
 from eval.benchmarks import BENCHMARKS, load_benchmark, parse_benchmarks, slug
 from eval.runner import complete_problems, locate_model, read_samples, rescore
-from rl.config import ConfigError
-from rl.data import DataError
+from rl.config.schema import ConfigError
+from rl.data.loading import DataError
 from tests.shared_data import DATA, needs_shared_data
 
 SIZES = {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "minerva": 272, "gsm8k": 1319}
@@ -157,7 +157,7 @@ def test_rescore_keeps_the_eval_s_own_verifier(tmp_path):
 
 def test_in_training_eval_keys_are_validated_with_the_config():
     from launch.run import load_training_config
-    from rl.config import ConfigError, load_config
+    from rl.config.schema import ConfigError, load_config
 
     # The benchmark names are eval's to know: checked where a training config is loaded, above rl/.
     with pytest.raises(ConfigError, match=r"'trainer.eval_benchmarks': unknown benchmark 'mat500'; known: math500"):
@@ -173,7 +173,7 @@ def test_eval_sampling_skips_logits_without_changing_the_tokens():
     """Eval generation does not keep per-step logits (GBs at a 2048-token budget); the tokens are the same."""
     from eval.runner import EvalSettings
     from rl.models import resolve_model
-    from rl.rollout import RolloutWorker
+    from rl.rollout.worker import RolloutWorker
 
     worker = RolloutWorker(resolve_model("tiny:llama"))
     params = EvalSettings(samples=2, max_new_tokens=8, temperature=0.9).sampling()

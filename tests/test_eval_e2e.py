@@ -86,7 +86,7 @@ def test_eval_writes_every_output_resumes_and_compares(tmp_path, capsys):
 def test_in_training_benchmark_eval_is_logged_beside_training_metrics(tmp_path):
     from eval.compare import compare
     from launch.run import train_run  # builds the benchmark eval hook the trainer runs
-    from rl.config import load_config
+    from rl.config.schema import load_config
 
     out = tmp_path / "run"
     cfg = load_config(ROOT / "configs/tiny.yaml", [

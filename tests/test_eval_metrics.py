@@ -158,7 +158,7 @@ def test_compare_on_hand_made_eval_folders(tmp_path):
 
 
 def test_compare_needs_eval_folders(tmp_path):
-    from rl.data import DataError
+    from rl.data.loading import DataError
 
     with pytest.raises(DataError, match="not an eval folder"):
         compare(tmp_path, tmp_path)

@@ -13,7 +13,7 @@ from eval.stats import bootstrap_ci, paired_difference_ci, paired_ratio_ci
 from launch.cli import main
 from launch.experiment import finished, load_configs, plan_runs
 from launch.experiment_report import START, build_report, write_report
-from rl.config import ConfigError, dump_config
+from rl.config.schema import ConfigError, dump_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [str(ROOT / "configs/compress_grpo.yaml"), str(ROOT / "configs/compress_fgo.yaml")]

@@ -3,8 +3,8 @@ scores vs a forward pass (continuous batching backend), off-policy correction at
 import pytest
 import torch
 
-from rl.algorithms import policy_loss
-from rl.batch import pack_pairs, pad_pairs, response_logprobs
+from rl.algo.core import policy_loss
+from rl.learner.batch import pack_pairs, pad_pairs, response_logprobs
 from rl.models import load_policy, load_tokenizer, resolve_model
 
 # Different prompt and response lengths (and one empty response) so padding and packing boundaries matter.
@@ -94,7 +94,7 @@ def test_off_policy_correction_reduces_to_on_policy_at_staleness_zero():
 
 
 def test_continuous_batching_backend_logprobs_match_a_forward_pass():
-    from rl.rollout import RolloutWorker, SamplingParams
+    from rl.rollout.worker import RolloutWorker, SamplingParams
 
     worker = RolloutWorker(resolve_model("tiny:llama"), num_threads=1, backend="continuous")
     prompts = ["<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n", "Count: one, two,"]
@@ -118,7 +118,7 @@ def test_continuous_batching_backend_logprobs_match_a_forward_pass():
     (["trainer.max_staleness=2"], "trainer.max_staleness"),
 ])
 def test_fast_path_config_errors_name_the_key(overrides, key):
-    from rl.config import ConfigError, load_config
+    from rl.config.schema import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
@@ -133,7 +133,7 @@ def test_one_step_off_policy_run_with_packing_and_continuous_batching(tmp_path):
 
     import ray
 
-    from rl.config import load_config
+    from rl.config.schema import load_config
     from rl.trainer import train
 
     root = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def test_one_step_off_policy_run_with_packing_and_continuous_batching(tmp_path):
 
 def test_shared_prefix_logprobs_and_gradient_equal_padded(model):
     """Groups of samples of one prompt (in shuffled order): each distinct prompt runs once, same numbers."""
-    from rl.batch import prefix_pairs
+    from rl.learner.batch import prefix_pairs
 
     pad_id = load_tokenizer(resolve_model("tiny:llama")).pad_token_id
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]

@@ -24,7 +24,7 @@ QUIET = ["logging.progress=false", "logging.plots=false", "logging.tensorboard=f
 
 
 def _cfg(out: Path, *overrides: str):
-    from rl.config import load_config
+    from rl.config.schema import load_config
 
     return load_config(ROOT / "configs/tiny.yaml", [f"trainer.output_dir={out}", *QUIET, *overrides])
 
@@ -40,13 +40,13 @@ def _events(out: Path, name: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------- watchdog stack
 def test_watchdog_stack_shows_the_frame_of_a_reward_hanging_in_the_worker_child(tmp_path, monkeypatch):
     """A reward hangs in the reward worker's child process, not in the worker: the stack the watchdog takes
-    (rl.watchdog._stack_of, on the worker's node) must reach it, with py-spy and with the faulthandler fallback."""
-    from rl import watchdog
+    (rl.cluster.watchdog._stack_of, on the worker's node) must reach it, with py-spy and with the faulthandler fallback."""
+    from rl.cluster import watchdog
 
     pid_file = tmp_path / "reward-pid"
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
-        from rl.watchdog import setup_worker
+        from rl.cluster.watchdog import setup_worker
         setup_worker()  # what every Ray worker of a run does (worker_process_setup_hook)
         from rewards.isolation import IsolatedRewards
         IsolatedRewards([({FAULTS!r} + ":hang_and_report", {{"pid_file": {str(pid_file)!r}}})],
@@ -104,17 +104,21 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 
 @pytest.mark.slow
 def test_corrupted_weight_sync_is_caught_and_the_group_listens_on_loopback(local_ray, tmp_path, monkeypatch):
-    """A rollout worker receives one element one ulp off: the driver's checksum comparison (rl.weights) must
+    """A rollout worker receives one element one ulp off: the driver's checksum comparison (rl.sync.owner) must
     stop the sync, naming the checksum. On the way: the learner's and the weight-sync rendezvous of an all-local
     run listen on loopback only (apart from Ray's own gRPC port, which the run's token guards)."""
     from ray._private import state
 
-    from rl.cluster import LearnerGroup, RolloutGroup, init_ray, shutdown
+    from rl.cluster.session import init_ray, shutdown
+
+    from rl.learner.group import LearnerGroup
+
+    from rl.rollout.group import RolloutGroup
     from rl.models import resolve_model
-    from rl.weights import WeightSync
+    from rl.sync.owner import WeightSync
     from tests.fixtures.corrupt_sync import CorruptingRolloutWorker
 
-    monkeypatch.setattr("rl.cluster.RolloutWorker", CorruptingRolloutWorker)
+    monkeypatch.setattr("rl.rollout.group.RolloutWorker", CorruptingRolloutWorker)
     cfg = _cfg(tmp_path, "weight_sync.mode=collective")
     path = resolve_model(cfg.model.path)
     init_ray(cfg)
@@ -208,7 +212,8 @@ def test_several_reward_workers_give_one_workers_group_relative_scores(local_ray
     5 groups of 4 over 2 workers (a per-sample split would cut group 2 in half) score exactly as on one worker
     and as the function on the whole batch; every worker call held whole groups."""
     from rewards.length import kimi_length
-    from rl.cluster import RewardGroup, init_ray, shutdown
+    from rl.cluster.session import init_ray, shutdown
+    from rl.scoring.group import RewardGroup
 
     lengths = [3, 9, 4, 12, 7, 7, 2, 30, 5, 50, 20, 9, 8, 1, 16, 4, 10, 11, 12, 13]
     answers = [str(g) for g in range(5) for _ in range(4)]
@@ -241,11 +246,11 @@ def test_several_reward_workers_give_one_workers_group_relative_scores(local_ray
 def test_an_unsatisfiable_grpo_placement_fails_naming_the_role_before_any_actor(local_ray, tmp_path, monkeypatch):
     from ray._private import state
 
-    from rl.cluster import init_ray
-    from rl.config import ConfigError
+    from rl.cluster.session import init_ray
+    from rl.config.schema import ConfigError
     from rl.trainer import train
 
-    monkeypatch.setattr("rl.placement.READY_TIMEOUT_S", 2.0)  # no node has the resource: no need to wait long
+    monkeypatch.setattr("rl.cluster.placement.READY_TIMEOUT_S", 2.0)  # no node has the resource: no need to wait long
     out = tmp_path / "run"
     cfg = _cfg(out, "placement.reward.resources={no_such_node: 1}")
     init_ray(cfg)

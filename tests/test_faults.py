@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from rl import checkpoint
-from rl.config import ConfigError, load_config
-from rl.weight_sync import Endpoint, bucket_plan
+from rl.store import checkpoint
+from rl.config.schema import ConfigError, load_config
+from rl.sync.transport import Endpoint, bucket_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def test_collective_broadcast_delivers_rank0_weights_in_buckets():
 
 
 def test_checksum_is_exact_and_independent_of_summation_order():
-    from rl.weight_sync import checksum
+    from rl.sync.transport import checksum
 
     flat = torch.randn(1 << 20)
     sums, threads = {checksum(flat), checksum(flat.flip(0).contiguous())}, torch.get_num_threads()
@@ -129,7 +129,7 @@ def test_placement_keys_are_checked():
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from rl import checkpoint
+    from rl.store import checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(sys.argv[1])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rl.algorithms import (
+from rl.algo.core import (
     entropy_from_logits,
     fgo_advantages,
     fgo_rewards,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl.config import load_config
+from rl.config.schema import load_config
 from rl.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from rl.algorithms import fgo_advantages, fgo_rewards, fgo_weight_spread, grpo_advantages
-from rl.gdro import (BinBandit, DebiasedEma, GdroSampler, GdroState, bernoulli_variance, difficulty_bin,
+from rl.algo.core import fgo_advantages, fgo_rewards, fgo_weight_spread, grpo_advantages
+from rl.algo.gdro import (BinBandit, DebiasedEma, GdroSampler, GdroState, bernoulli_variance, difficulty_bin,
                      sqrt_allocation)
-from rl.groups import (fgo_advantages_grouped, fgo_weight_spread_grouped, group_index, grpo_advantages_grouped, worker_bounds,
+from rl.algo.groups import (fgo_advantages_grouped, fgo_weight_spread_grouped, group_index, grpo_advantages_grouped, worker_bounds,
                        zero_advantage_groups_grouped)
 
 
@@ -175,7 +175,7 @@ def test_groups_are_never_split_across_reward_workers():
     assert worker_bounds([3, 2, 5, 2], 2) == [(0, 5), (5, 12)]
     assert worker_bounds([3, 2], 3) == [(0, 3), (3, 5), (5, 5)]
     from rl.contracts import RolloutBatch
-    from rl.scoring import reward_columns
+    from rl.scoring.score import reward_columns
 
     batch = RolloutBatch([[1]] * 5, [[2], [3], [4], [5], [6]], [[0.0]] * 5, [0.0] * 5, ["stop"] * 5, list("abcde"))
     cols = reward_columns([{"id": "x", "answer": "1"}, {"id": "y", "answer": "2"}], batch, [3, 2])

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rl.config import ConfigError, dump_config, load_config
-from rl.gpu_config import cluster_gpu_problem, continuous_batching_problem, run_environment_problems
-from rl.vllm_support import (EXTENSION_CLS, check_api, engine_args, finish_reason, request_seed, request_seeds,
+from rl.config.schema import ConfigError, dump_config, load_config
+from rl.config.gpu import cluster_gpu_problem, continuous_batching_problem, run_environment_problems
+from rl.rollout.vllm_support import (EXTENSION_CLS, check_api, engine_args, finish_reason, request_seed, request_seeds,
                              weight_chunks)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_the_cluster_must_hold_the_gpus_before_anything_is_reserved(monkeypatch)
     assert cluster_gpu_problem(_cfg("learner.num_ranks=2", "learner.num_gpus_per_rank=1"), roles, 1.0)
     assert cluster_gpu_problem(_cfg(), roles, 0.0) is None  # CPU run
 
-    import rl.placement as placement
+    import rl.cluster.placement as placement
 
     monkeypatch.setattr(placement.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
     monkeypatch.setattr(placement, "placement_group", lambda *a, **k: pytest.fail("reserved before checking"))
@@ -122,7 +122,7 @@ def test_the_cluster_must_hold_the_gpus_before_anything_is_reserved(monkeypatch)
 
 
 def test_continuous_batching_api_is_present_and_its_absence_named(monkeypatch):
-    assert continuous_batching_problem() is None  # the installed transformers has what rl.rollout passes
+    assert continuous_batching_problem() is None  # the installed transformers has what rl.rollout.worker passes
     import transformers.generation.configuration_utils as cu
 
     monkeypatch.delattr(cu, "ContinuousBatchingConfig")
@@ -220,12 +220,12 @@ def test_check_api_names_what_an_old_vllm_lacks():
 
 def test_vllm_worker_seeds_each_sample_loads_through_collective_rpc_and_sleeps(monkeypatch):
     from rl.models import resolve_model
-    from rl.rollout import SamplingParams
+    from rl.rollout.worker import SamplingParams
 
     fake, calls = _fake_vllm()
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    from rl.rollout_vllm import VllmRolloutWorker
+    from rl.rollout.vllm_worker import VllmRolloutWorker
 
     w = VllmRolloutWorker(resolve_model("tiny:llama"), "bfloat16", {"seed": 0}, worker_index=2, sleep=True)
     import os
@@ -246,7 +246,7 @@ def test_vllm_worker_seeds_each_sample_loads_through_collective_rpc_and_sleeps(m
 
 
 def test_weight_load_extension_feeds_the_models_loader():
-    from rl.vllm_support import WeightLoadExtension
+    from rl.rollout.vllm_support import WeightLoadExtension
 
     got = []
     ext = WeightLoadExtension()
@@ -260,8 +260,8 @@ def test_weight_load_extension_feeds_the_models_loader():
 
 # ---------------------------------------------------------------------------------------- learner, weight sync
 def test_bf16_accumulates_gradients_in_fp32_and_stage_0_gets_deepspeeds_bf16_optimizer():
-    from rl.config import LearnerConfig
-    from rl.engine import deepspeed_config
+    from rl.config.schema import LearnerConfig
+    from rl.learner.engine import deepspeed_config
 
     for stage, ds_stage in ((0, 1), (2, 2), (3, 3)):
         ds = deepspeed_config(LearnerConfig(zero_stage=stage), 2, "bfloat16")
@@ -279,9 +279,9 @@ def test_zero3_broadcast_gathers_rank_0s_buckets_one_at_a_time():
 
     import torch
 
-    from rl.config import AlgorithmConfig, LearnerConfig
-    from rl.engine import Engine
-    from rl.weight_sync import Endpoint, bucket_plan
+    from rl.config.schema import AlgorithmConfig, LearnerConfig
+    from rl.learner.engine import Engine
+    from rl.sync.transport import Endpoint, bucket_plan
 
     params = [(f"p{i}", torch.nn.Parameter(torch.full((n,), float(i)))) for i, n in enumerate([8, 8, 40, 4, 4])]
     policy = types.SimpleNamespace(module=types.SimpleNamespace(named_parameters=lambda: iter(params)))
@@ -324,7 +324,7 @@ def test_nccl_group_gets_the_watchdog_timeout_and_groups_are_destroyed_on_rebuil
 
     import torch.distributed as dist
 
-    import rl.weight_sync as ws
+    import rl.sync.transport as ws
 
     made = {}
 
@@ -350,8 +350,8 @@ def test_nccl_group_gets_the_watchdog_timeout_and_groups_are_destroyed_on_rebuil
     ep.close()
     assert pg.shut and ep.pg is None
 
-    from rl.config import AlgorithmConfig, LearnerConfig
-    from rl.engine import Engine
+    from rl.config.schema import AlgorithmConfig, LearnerConfig
+    from rl.learner.engine import Engine
 
     closed = []
     e = Engine(0, 1, LearnerConfig(), AlgorithmConfig(), "unused", "float32", 1.0, 0)
@@ -394,7 +394,7 @@ def test_zero3_run_syncs_bucket_by_bucket_and_logs_a_zero_mismatch_when_truncate
     """One real 2-step run (Ray, DeepSpeed ZeRO-3 over 2 ranks, continuous backend at top_p 0.8, 1 MB weight-sync
     buckets: the tiny model's parameters in about 13).
     - Every rank follows rank 0's bucket plan (a mismatch would hang the gathers; the watchdog would fail the run),
-      the synced checksums match (rl.weights compares them), the checkpoint saved bucket by bucket holds whole tensors.
+      the synced checksums match (rl.sync.owner compares them), the checkpoint saved bucket by bucket holds whole tensors.
     - The metrics rows carry the mismatch monitor, ~0 because rollout and learner describe the same truncated
       distribution, reduced over both ranks, and the truncated IS weight, ~1."""
     import json

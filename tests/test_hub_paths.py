@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rl.data import load_rows
+from rl.data.loading import load_rows
 from rl.models import resolve_model
 
 

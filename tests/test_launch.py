@@ -72,14 +72,14 @@ def test_layers_import_one_way():
 
 def test_the_import_check_sees_function_level_relative_and_dynamic_imports():
     """The check above reads source, so it must catch every form (or it would pass for the wrong reason)."""
-    assert violations("def f():\n    from eval.benchmarks import parse_benchmarks\n", "rl.config")
+    assert violations("def f():\n    from eval.benchmarks import parse_benchmarks\n", "rl.config.schema")
     assert violations("import launch.cli\n", "eval.runner")
     assert ("rl.config", "rl.config.Config") == tuple(n for _, n in imported_modules("from .config import Config\n",
                                                                                      "rl.trainer"))
     assert "rewards.math" in {n for _, n in imported_modules("from . import math\n", "rewards", is_package=True)}
     assert violations("from rl import checkpoint\n", "rewards.math")
     assert violations("import importlib\nimportlib.import_module('eval.in_training')\n", "rl.trainer")
-    assert not violations("from rl.config import Config\nfrom eval.runner import VERIFIER\n", "launch.run")
+    assert not violations("from rl.config.schema import Config\nfrom eval.runner import VERIFIER\n", "launch.run")
     assert not violations("from . import register\n", "rewards.math")
 
 
@@ -153,7 +153,7 @@ def test_submit_merges_a_preset_into_the_staged_config_without_checking_this_mac
     # --preset gpu names vllm and GPUs, which this CPU machine lacks: the job runs on the cluster, and its
     # `reasonrl train` (launch/job.py) checks the environment there; here the config is validated only.
     from launch import submit
-    from rl.config import ConfigError
+    from rl.config.schema import ConfigError
 
     built = submit.build_job(TINY, [f"trainer.output_dir={tmp_path / 'run'}"], None, presets=["gpu"])
     try:
@@ -173,7 +173,7 @@ MESSAGE = "config key 'trainer.eval_benchmarks': unknown benchmark 'mat500'; kno
 
 def test_eval_benchmarks_are_checked_and_normalised_by_the_launch_layer():
     from launch.run import load_training_config
-    from rl.config import ConfigError
+    from rl.config.schema import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_training_config(TINY, [BAD])

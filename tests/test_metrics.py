@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rl.metrics import MetricsLogger, plot_curves, read_metrics, summarize
+from rl.store.metrics import MetricsLogger, plot_curves, read_metrics, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

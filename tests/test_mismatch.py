@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from rl.algorithms import (entropy_from_logits, logprob_mismatch, policy_loss, tis_weights, token_logprobs,
+from rl.algo.core import (entropy_from_logits, logprob_mismatch, policy_loss, tis_weights, token_logprobs,
                            truncate_logits)
-from rl.batch import pad_pairs, response_logprobs
-from rl.config import AlgorithmConfig, LearnerConfig
+from rl.learner.batch import pad_pairs, response_logprobs
+from rl.config.schema import AlgorithmConfig, LearnerConfig
 from rl.contracts import TrainSequence
 from rl.models import load_policy, load_tokenizer, resolve_model
-from rl.updates import plan_policy, policy_update, reduce_policy
+from rl.learner.updates import plan_policy, policy_update, reduce_policy
 
 PROMPTS = ["<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n", "Count: one, two,"]
 
@@ -78,7 +78,7 @@ def tiny():
 @pytest.mark.parametrize("backend", ["transformers", "continuous"])
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.8), (20, 1.0), (30, 0.6)])
 def test_rollout_and_learner_logprobs_agree_when_truncated(tiny, backend, top_k, top_p):
-    from rl.rollout import RolloutWorker, SamplingParams
+    from rl.rollout.worker import RolloutWorker, SamplingParams
 
     worker = RolloutWorker(tiny, num_threads=1, backend=backend)
     out = worker.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=0.7, top_k=top_k, top_p=top_p,
@@ -96,7 +96,7 @@ def test_rollout_and_learner_logprobs_agree_when_truncated(tiny, backend, top_k,
 
 
 def test_truncated_rollout_entropy_is_that_of_the_sampled_distribution(tiny):
-    from rl.rollout import RolloutWorker, SamplingParams
+    from rl.rollout.worker import RolloutWorker, SamplingParams
 
     worker = RolloutWorker(tiny, num_threads=1)
     out = worker.generate(PROMPTS[:1], SamplingParams(n=2, max_new_tokens=6, temperature=0.7, top_p=0.8), seed=0)
@@ -138,7 +138,7 @@ def test_logprob_mismatch_on_hand_made_values():
 
 
 class _Engine:
-    """The parts of rl.engine.Engine that rl.updates uses, on a plain model (no DeepSpeed, one rank)."""
+    """The parts of rl.learner.engine.Engine that rl.learner.updates uses, on a plain model (no DeepSpeed, one rank)."""
 
     def __init__(self, model, pad_id, temperature=0.7, top_k=0, top_p=1.0, tis_cap=None):
         self.policy, self.ref, self.device, self.pad_id = model, None, torch.device("cpu"), pad_id
@@ -158,7 +158,7 @@ class _Engine:
 
 
 def _rollout(tiny, top_p):
-    from rl.rollout import RolloutWorker, SamplingParams
+    from rl.rollout.worker import RolloutWorker, SamplingParams
 
     worker = RolloutWorker(tiny, num_threads=1)
     out = worker.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=8, temperature=0.7, top_p=top_p), seed=1)
@@ -194,7 +194,7 @@ def test_monitor_is_zero_on_the_transformers_backend_and_reads_an_injected_offse
 
 def test_learner_logprobs_follow_the_engine_truncation(tiny):
     """The `logprobs` query (and the policy update) take the engine's top_k / top_p."""
-    from rl.updates import policy_logprobs
+    from rl.learner.updates import policy_logprobs
 
     model = load_policy(tiny).eval()
     pad = load_tokenizer(tiny).pad_token_id

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from rl.algorithms import dpo_loss, preference_correct, tobt_probabilities, todo_loss, todo_losses
-from rl.config import ConfigError, load_config
+from rl.algo.core import dpo_loss, preference_correct, tobt_probabilities, todo_loss, todo_losses
+from rl.config.schema import ConfigError, load_config
 from rl.contracts import PreferencePair, RolloutBatch
-from rl.data import DataError
+from rl.data.loading import DataError
 from rl.models import load_tokenizer, resolve_model
-from rl.preference import (candidate_pairs, encode_pair, load_pairs, pair_batch, preference_metrics, rollout_pairs,
+from rl.data.preference import (candidate_pairs, encode_pair, load_pairs, pair_batch, preference_metrics, rollout_pairs,
                            select_pairs, trainable)
 
 

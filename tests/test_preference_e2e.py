@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl.config import load_config
+from rl.config.schema import load_config
 from rl.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def _offline(tmp_path: Path, out: Path, *extra: str):
 
 
 def test_offline_todo_two_ranks_and_pref_eval(tmp_path):
-    from rl.preference_tools import pref_eval
+    from launch.preference_tools import pref_eval
 
     out = tmp_path / "run"
     cfg = _offline(tmp_path, out, "trainer.max_steps=2", "data.eval_size=2")
@@ -113,9 +113,9 @@ def test_offline_todo_reserves_its_placement_before_any_actor(tmp_path, monkeypa
     """Offline TODO goes through the same lifecycle as GRPO, so `placement.*` binds it too: a learner placement the
     cluster cannot hold fails naming the role, and no actor or metrics row ever appears. (Roles pinned to nodes of
     a real two-node cluster: tests/test_cluster.py.)"""
-    from rl.config import ConfigError
+    from rl.config.schema import ConfigError
 
-    monkeypatch.setattr("rl.placement.READY_TIMEOUT_S", 5.0)  # the cluster has no such resource: no need to wait
+    monkeypatch.setattr("rl.cluster.placement.READY_TIMEOUT_S", 5.0)  # the cluster has no such resource: no need to wait
     out = tmp_path / "run"
     cfg = _offline(tmp_path, out, "trainer.max_steps=1", "data.eval_size=0",
                    "placement.learner.resources={no_such_node: 1}")

@@ -1,12 +1,12 @@
-"""Numerical cross-check against TRL: DPOTrainer's own loss on its own tokenized batch equals rl.algorithms.dpo_loss
-on log-probs summed by rl.preference (our padding layout: left-padded prompts, one forward for chosen+rejected)."""
+"""Numerical cross-check against TRL: DPOTrainer's own loss on its own tokenized batch equals rl.algo.core.dpo_loss
+on log-probs summed by rl.data.preference (our padding layout: left-padded prompts, one forward for chosen+rejected)."""
 import pytest
 import torch
 
-from rl.algorithms import dpo_loss, todo_loss
+from rl.algo.core import dpo_loss, todo_loss
 from rl.contracts import PreferencePair
 from rl.models import load_policy, load_tokenizer, resolve_model
-from rl.preference import encode_pair, pair_batch, summed_logps
+from rl.data.preference import encode_pair, pair_batch, summed_logps
 
 
 @pytest.mark.slow  # builds a TRL trainer (tens of seconds of imports and tokenization)

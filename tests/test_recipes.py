@@ -9,8 +9,8 @@ import pytest
 
 from launch.cli import main
 from launch.dry_run import placement_plan, run_roles
-from rl.config import ConfigError, dump_config, load_config
-from rl.placement import reservations
+from rl.config.schema import ConfigError, dump_config, load_config
+from rl.cluster.placement import reservations
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = [ROOT / "configs" / "recipe_fgo_math.yaml", ROOT / "configs" / "recipe_grpo_math.yaml"]
@@ -84,7 +84,7 @@ def test_config_errors_still_fail_a_dry_run(capsys):
 
 
 def test_train_limit_takes_the_first_rows(tmp_path):
-    from rl.prompts import prepare_prompts
+    from rl.data.prompts import prepare_prompts
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"problem": f"q{i}", "answer": str(i)}) + "\n" for i in range(10)))

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from rl.algorithms import entropy_from_logits
-from rl.batch import pad_pairs, response_logprobs
+from rl.algo.core import entropy_from_logits
+from rl.learner.batch import pad_pairs, response_logprobs
 from rl.models import resolve_model
-from rl.rollout import CategoricalSampler, RolloutWorker, SamplingParams
+from rl.rollout.worker import CategoricalSampler, RolloutWorker, SamplingParams
 
 PROMPTS = ["<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n", "Count: one, two,"]
 
@@ -117,9 +117,9 @@ def test_load_weights_changes_the_policy_and_rejects_foreign_state(worker):
 
 def test_a_fresh_worker_refuses_to_generate_with_weights_it_does_not_hold():
     """What a rollout worker Ray recreated does when asked for the run's current weights version: it refuses
-    (StaleWeightsError, which rl.watchdog.call_all answers by resyncing it and asking again), instead of sampling
+    (StaleWeightsError, which rl.cluster.watchdog.call_all answers by resyncing it and asking again), instead of sampling
     from its initial weights."""
-    from rl.watchdog import StaleWeightsError
+    from rl.cluster.watchdog import StaleWeightsError
 
     fresh = RolloutWorker(resolve_model("tiny:llama"), num_threads=1)
     params = SamplingParams(n=1, max_new_tokens=4, greedy=True)
@@ -129,5 +129,5 @@ def test_a_fresh_worker_refuses_to_generate_with_weights_it_does_not_hold():
         fresh.receive_weights(2)  # nor can it join a broadcast it was never made a member of
     assert fresh.weights_version == 0
     state = {n: p.detach().numpy().copy() for n, p in fresh.model.named_parameters()}
-    fresh.load_weights(state, version=2)  # the driver's refill (rl.weights.WeightSync.restore)
+    fresh.load_weights(state, version=2)  # the driver's refill (rl.sync.owner.WeightSync.restore)
     assert len(fresh.generate(PROMPTS, params, seed=0, expect_version=2).response_ids) == 2

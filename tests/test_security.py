@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_loader_refuses_any_class_outside_the_allow_list(tmp_path):
-    """The loader DeepSpeed's checkpoint engine gets (rl.engine._weights_only_loads): tensors, containers and
+    """The loader DeepSpeed's checkpoint engine gets (rl.learner.engine._weights_only_loads): tensors, containers and
     DeepSpeed's three data classes load; another class, or a pickle that names a callable, does not."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from rl.engine import _weights_only_loads
+    from rl.learner.engine import _weights_only_loads
     from tests.fixtures.fault_paths import RunsCode, Unlisted
 
     class FakeEngine:  # only the attribute DeepSpeed reads its state through
@@ -61,7 +61,7 @@ def test_checkpoint_loader_refuses_any_class_outside_the_allow_list(tmp_path):
 def _member(rank: int, port: int, queue) -> None:
     import psutil
 
-    from rl.weight_sync import Endpoint
+    from rl.sync.transport import Endpoint
 
     model = torch.nn.Linear(4, 4)
     manifest = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
@@ -108,8 +108,8 @@ def test_local_cluster_refuses_a_client_without_its_token():
     from ray._raylet import AuthenticationTokenLoader
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    from rl.cluster import init_ray
-    from rl.config import load_config
+    from rl.cluster.session import init_ray
+    from rl.config.schema import load_config
 
     ray.shutdown()
     had_file = (Path.home() / ".ray" / "auth_token").exists()

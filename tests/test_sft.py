@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rl.algorithms import sft_loss
-from rl.config import ConfigError, load_config
+from rl.algo.core import sft_loss
+from rl.config.schema import ConfigError, load_config
 from rl.contracts import SftExample
-from rl.data import DataError, PromptSampler, render_prompt
-from rl.sft import encode_conversation, encode_prompt_completion, load_examples
-from rl.updates import plan_sft, reduce_sft, sft_update
+from rl.data.loading import DataError, PromptSampler, render_prompt
+from rl.data.sft import encode_conversation, encode_prompt_completion, load_examples
+from rl.learner.updates import plan_sft, reduce_sft, sft_update
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "Solve the problem. Put the final answer in \\boxed{}."
@@ -177,7 +177,7 @@ def test_held_out_task_accuracy_only_when_the_eval_file_has_problem_and_answer(t
 
 # ------------------------------------------------------------------------------------ micro-batch invariance
 class _PlainEngine:
-    """What sft_update needs of rl.engine.Engine, on a plain torch model. Shards run one after another on the
+    """What sft_update needs of rl.learner.engine.Engine, on a plain torch model. Shards run one after another on the
     same model sum their gradients, which is what DeepSpeed's rank average times world_size (Engine.backward)
     gives, so several 'ranks' can be simulated in one process."""
 
@@ -284,9 +284,10 @@ def _recorded(tmp_path: Path, name: str) -> str:
 def test_update_does_not_depend_on_ranks_or_micro_batches(tmp_path, tok, ray_session):
     """The same examples through (1 rank, micro 8, ZeRO-2) and (2 ranks, micro 1, ZeRO-3, one rank running a
     stand-in pass): same held-out loss, same training loss and global gradient norm."""
-    from rl.cluster import LearnerGroup, init_ray, shutdown
+    from rl.cluster.session import init_ray, shutdown
+    from rl.learner.group import LearnerGroup
     from rl.models import resolve_model
-    from rl.updates import reduce_sft_loss
+    from rl.learner.updates import reduce_sft_loss
 
     examples = [encode_prompt_completion(tok, r["prompt"], r["completion"], SYSTEM) for r in _sums(4)]
     examples.append(encode_conversation(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content":
@@ -318,7 +319,7 @@ def test_sft_then_grpo_from_its_checkpoint(tmp_path, ray_session):
     """Answer-only SFT on arith-style rows (the tiny smoke config with a JSONL file), then GRPO whose model.path is
     the SFT checkpoint: the RL run's start eval generates exactly what the SFT run's end eval generated (the same
     held-out prompts), which is not what the start model generated."""
-    from rl.data import generate_arith
+    from rl.data.loading import generate_arith
 
     problems = generate_arith(**load_config(ROOT / "configs/tiny.yaml").data.arith.model_dump())  # its held-out
     train = [{"prompt": r["problem"], "completion": r["answer"]} for r in problems["train"][:12]]

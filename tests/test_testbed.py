@@ -11,8 +11,8 @@ from eval.redundancy import record_fields, redundancy_metrics
 from rewards import resolve
 from rewards.math import math_verify
 from rewards.testbed import count_steps, line_kinds, necessary_steps, parse_problem
-from rl.data import load_rows
-from rl.testbed import (DIFFICULTIES, KIND_PROBS, generate, minimal_solution, modal_path, problem_text,
+from rl.data.loading import load_rows
+from rl.data.testbed import (DIFFICULTIES, KIND_PROBS, generate, minimal_solution, modal_path, problem_text,
                         redundant_line, sample_problems, space_size, verbose_solution)
 
 

@@ -1,13 +1,13 @@
 """The registry of step kinds: `algorithm.name` -> what builds its step (rl/steps/base.py says what a step is).
 
-Adding an algorithm: its step in a new file here, its loss as a pure tensor function in rl/algorithms.py (and, if
-the learner computes something new, a named update in rl/updates.py), and one line below.
+Adding an algorithm: its step in a new file here, its loss as a pure tensor function in rl/algo/core.py (and, if
+the learner computes something new, a named update in rl/learner/updates.py), and one line below.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from rl.config import Config, ConfigError
+from rl.config.schema import Config, ConfigError
 from rl.steps.adaptive import policy_step
 from rl.steps.base import Run, Step
 from rl.steps.preference import preference_step

@@ -3,12 +3,12 @@
 
 The learner side is PolicyGradientStep's (rl/steps/policy.py, `update`); what differs is how a step gets its
 scored groups, so here the rollouts are generated and scored while the step DRAWS its prompts:
-- Rollout-GDRO gives each prompt its own group size from its running pass rate (rl.gdro.sqrt_allocation);
-- dynamic sampling draws more prompts while too few groups vary (rl.groups.dynamic_sampling), and every drawn
+- Rollout-GDRO gives each prompt its own group size from its running pass rate (rl.algo.gdro.sqrt_allocation);
+- dynamic sampling draws more prompts while too few groups vary (rl.algo.groups.dynamic_sampling), and every drawn
   prompt, kept or dropped, is part of the step's draw: the lifecycle's `prompts` event lists them all in draw
   order and the checkpointed sampler state comes after the last one, so a resumed run neither replays nor skips
   a prompt;
-- Prompt-GDRO's sampler (rl.gdro.GdroSampler) reads the pass rates and bandit this step owns; they are updated
+- Prompt-GDRO's sampler (rl.algo.gdro.GdroSampler) reads the pass rates and bandit this step owns; they are updated
   after the update, from every drawn group, and saved as the step's `step_state`.
 Only on-policy (trainer.max_staleness 0, checked by the config): a draw depends on the previous step's rewards.
 """
@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from rewards.isolation import RewardResult
-from rl.algorithms import zero_advantage_groups
+from rl.algo.core import zero_advantage_groups
 from rl.contracts import RolloutBatch
-from rl.gdro import GdroSampler, GdroState, sqrt_allocation
-from rl.groups import (Selection, dynamic_sampling, expand, fgo_advantages_grouped, fgo_rewards_grouped,
+from rl.algo.gdro import GdroSampler, GdroState, sqrt_allocation
+from rl.algo.groups import (Selection, dynamic_sampling, expand, fgo_advantages_grouped, fgo_rewards_grouped,
                        fgo_weight_spread_grouped, group_bounds, group_variances, grpo_advantages_grouped,
                        summarize_selection, uniform_size, zero_advantage_groups_grouped)
-from rl.prompts import sampling_params
-from rl.scoring import ScoredBatch
+from rl.data.prompts import sampling_params
+from rl.scoring.score import ScoredBatch
 from rl.steps.base import Run
 from rl.steps.policy import PolicyGradientStep, compute_advantages, fgo_entropies
 
@@ -133,7 +133,7 @@ class AdaptivePolicyStep(PolicyGradientStep):
         arms = list(getattr(run.sampler, "last_arms", None) or [None] * k)
         sizes = self.sizes(rows)
         t0 = time.perf_counter()
-        # Round 0 uses the seed an unadapted step would (rl/pipeline.py); each extra round its own.
+        # Round 0 uses the seed an unadapted step would (rl/steps/pipeline.py); each extra round its own.
         seed = self.cfg.trainer.seed * 100003 + step + 1_000_003 * index
         G = uniform_size(sizes)
         prompts = [r["prompt"] for r in rows]

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl.config import Config
+from rl.config.schema import Config
 from rl.contracts import RolloutBatch
-from rl.metrics import MetricsLogger, summarize
-from rl.prompts import held_out_rows, prepare_prompts
-from rl.scoring import ScoredBatch, score_configured
+from rl.store.metrics import MetricsLogger, summarize
+from rl.data.prompts import held_out_rows, prepare_prompts
+from rl.scoring.score import ScoredBatch, score_configured
 
 ROLLOUT_ROLES = ("rollout", "reward", "learner")
 
@@ -30,12 +30,12 @@ class Run:
     tokenizer: object
     model_path: str
     metrics: MetricsLogger
-    sampler: object  # rl.data.PromptSampler over the step's items
+    sampler: object  # rl.data.loading.PromptSampler over the step's items
     start_step: int
-    rollouts: object = None  # rl.cluster.RolloutGroup
-    rewards: object = None  # rl.cluster.RewardGroup
-    learner: object = None  # rl.cluster.LearnerGroup
-    weights: object = None  # rl.weights.WeightSync: the only owner of what the rollout workers hold
+    rollouts: object = None  # rl.rollout.group.RolloutGroup
+    rewards: object = None  # rl.scoring.group.RewardGroup
+    learner: object = None  # rl.learner.group.LearnerGroup
+    weights: object = None  # rl.sync.owner.WeightSync: the only owner of what the rollout workers hold
     learner_version: int = 0  # the step whose update the learner holds
 
     def updated(self, step: int) -> None:
@@ -81,8 +81,8 @@ class Step:
 
     def make_sampler(self, items: list):
         """The resumable sampler the lifecycle draws the step's items from (default: seeded epochs of every item,
-        rl.data.PromptSampler; a step kind may draw otherwise, e.g. Prompt-GDRO in rl/steps/adaptive.py)."""
-        from rl.data import PromptSampler
+        rl.data.loading.PromptSampler; a step kind may draw otherwise, e.g. Prompt-GDRO in rl/steps/adaptive.py)."""
+        from rl.data.loading import PromptSampler
 
         return PromptSampler(items, seed=self.cfg.trainer.seed, shuffle=self.cfg.data.shuffle)
 

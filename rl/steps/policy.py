@@ -1,6 +1,6 @@
 """GRPO and FGO: rollout -> rewards -> advantages -> clipped policy-gradient update -> weight sync.
 
-The two differ only in the advantages (rl.algorithms): GRPO normalises the weighted total reward within each group
+The two differ only in the advantages (rl.algo.core): GRPO normalises the weighted total reward within each group
 (Shao et al. 2024, DeepSeekMath); FGO splits each group by correctness and reweights inside each subgroup by length
 and entropy, so all-correct and all-wrong groups still teach (docs/algorithms.md, "FGO").
 """
@@ -10,12 +10,12 @@ import time
 
 import torch
 
-from rl.algorithms import (fgo_advantages, fgo_rewards, fgo_weight_spread, grpo_advantages, sampled_token_entropy,
+from rl.algo.core import (fgo_advantages, fgo_rewards, fgo_weight_spread, grpo_advantages, sampled_token_entropy,
                            zero_advantage_groups)
-from rl.batch import pad_values
+from rl.learner.batch import pad_values
 from rl.contracts import RolloutBatch, TrainSequence
-from rl.pipeline import RolloutPipeline
-from rl.scoring import ScoredBatch
+from rl.steps.pipeline import RolloutPipeline
+from rl.scoring.score import ScoredBatch
 from rl.steps.base import Run, Step, log_rollout_events, rollout_metrics
 
 
@@ -48,7 +48,7 @@ def fgo_entropies(batch: RolloutBatch, kind: str) -> torch.Tensor:
     return sampled_token_entropy(pad_values(lp, width).double(), pad_values([[1.0] * len(x) for x in lp], width))
 
 
-# The learner statistics of a step that trained on nothing (rl.updates.policy_update's keys).
+# The learner statistics of a step that trained on nothing (rl.learner.updates.policy_update's keys).
 NO_UPDATE = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0,
              "lr": float("nan"), "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0, "logprob_diff_tokens": 0.0,
              "tis_weight_sum": 0.0}
@@ -113,7 +113,7 @@ class PolicyGradientStep(Step):
         row.update(**times, time_train=t3 - t2, time_rollout_wait=t_settled - t3,
                    time_sync=t4 - t_settled, staleness=staleness,
                    ratio_mean=stats["ratio_sum"] / max(1.0, stats["tokens"]),
-                   # Training-inference mismatch (rl.updates.policy_update): ~0 when rollout and learner compute
+                   # Training-inference mismatch (rl.learner.updates.policy_update): ~0 when rollout and learner compute
                    # the same numbers, larger for an engine whose kernels or precision differ.
                    logprob_diff_mean=stats["logprob_diff_sum"] / max(1.0, stats["logprob_diff_tokens"]),
                    logprob_diff_max=stats["logprob_diff_max"])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rl.config import ConfigError
+from rl.config.schema import ConfigError
 from rl.contracts import PreferencePair
-from rl.pipeline import RolloutPipeline
-from rl.preference import load_pairs, preference_metrics, rollout_pairs, trainable
+from rl.steps.pipeline import RolloutPipeline
+from rl.data.preference import load_pairs, preference_metrics, rollout_pairs, trainable
 from rl.steps.base import Run, Step, log_rollout_events, rollout_metrics
 
 PREFERENCE_PLOTS = ("loss", "margin", "train_tobt_acc")
@@ -103,7 +103,7 @@ class OfflinePreferenceStep(PreferenceStep):
 
 
 class OnlinePreferenceStep(PreferenceStep):
-    """Each rollout group is scored by `reward.accuracy` and paired (rl.preference.rollout_pairs): correct vs
+    """Each rollout group is scored by `reward.accuracy` and paired (rl.data.preference.rollout_pairs): correct vs
     incorrect is a preference, close lengths a tie, a much shorter correct answer preferred to a longer one."""
 
     def start(self, run: Run) -> dict:

@@ -1,5 +1,5 @@
 """SFT: one optimizer step of supervised NLL on `algorithm.sft.examples_per_step` examples of `data.train`, the
-cold start before RL. Prompts are rendered the way RL renders them (rl/sft.py), so RL continues from the checkpoint
+cold start before RL. Prompts are rendered the way RL renders them (rl/data/sft.py), so RL continues from the checkpoint
 (`model.path=<run>/checkpoint-final`) on the same prompts; the rest (ranks, ZeRO, checkpoints, resume, metrics,
 held-out task accuracy) is the lifecycle's (docs/algorithms.md, "SFT").
 """
@@ -9,12 +9,12 @@ import logging
 import time
 from pathlib import Path
 
-from rl.config import ConfigError
+from rl.config.schema import ConfigError
 from rl.contracts import SftExample
-from rl.data import DataError, _load_dataset
-from rl.sft import load_examples
+from rl.data.loading import DataError, _load_dataset
+from rl.data.sft import load_examples
 from rl.steps.base import Run, Step
-from rl.updates import plan_sft, reduce_sft, reduce_sft_loss
+from rl.learner.updates import plan_sft, reduce_sft, reduce_sft_loss
 
 log = logging.getLogger("reasonrl")
 
