@@ -20,6 +20,12 @@ small SFT: too easy, column steps are one-digit facts); 3, 2-digit x 2-digit pro
 the model memorise 2-digit x 1-digit facts, which a short SFT does not (21% held-out after 112 steps). The default 1,
 4-digit sums and differences column by column, with 4-6 redundant steps, lands the SFT'd SmolLM2 at 48% held-out
 with responses 2.05x the minimal length (docs/results.md has the calibration).
+
+Version 2 (`reasonrl testbed --v2`, for the tiny reasoner of rl/data/reasoner.py): 3-digit sums, and every slot is
+drawn on its own with the probabilities of KIND_PROBS_V2, not conditioned on a count. A solution then holds 0-7
+redundant steps; the modal path keeps the three likely ones (restate, other route, final check), while about 40% of
+the solutions hold fewer: a policy that samples like its SFT data often writes a correct answer shorter than its
+greedy one, which is what a compression method needs to select. v1 stays the default and reproduces as before.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rewards.testbed import answer_line, answer_of, line_kinds, necessary_steps
+from rewards.testbed import REDUNDANT_KINDS, answer_line, answer_of, line_kinds, necessary_steps
 from rl.data.loading import DataError
 from rl.store.atomic import write_atomic
 
@@ -47,6 +53,10 @@ DEFAULT_DIFFICULTY = 1  # the calibrated one (docs/results.md): SFT'd SmolLM2 st
 DEFAULT_MIN_REDUNDANT, DEFAULT_MAX_REDUNDANT = 4, 6
 # Inclusion probability of each redundant kind in its slot (verify_step: after each necessary step).
 KIND_PROBS = {"restate": 0.7, "verify_step": 0.2, "other_route": 0.65, "estimate": 0.35, "final_check": 0.7}
+# Version 2: every slot independent. 3 of the 7 slots are likely (the greedy path), P(fewer than 3) = 0.40.
+KIND_PROBS_V2 = {"restate": 0.75, "verify_step": 0.1, "other_route": 0.7, "estimate": 0.25, "final_check": 0.75}
+V2 = dict(difficulty=0, min_redundant=0, max_redundant=7, probs=KIND_PROBS_V2, independent=True)
+V2_SYSTEM_PROMPT = "Solve step by step."  # short: the reasoner's prompt tokens are part of every sequence
 END_KINDS = ("other_route", "estimate", "final_check")  # written in this order after the last necessary step
 _ENUMERATE_LIMIT = 200_000
 
@@ -145,21 +155,22 @@ def minimal_solution(a: int, op: str, b: int) -> str:
 
 
 def verbose_solution(a: int, op: str, b: int, rng: np.random.Generator, max_redundant: int, min_redundant: int = 1,
-                     probs: dict[str, float] = KIND_PROBS) -> tuple[str, list[str]]:
+                     probs: dict[str, float] = KIND_PROBS, independent: bool = False) -> tuple[str, list[str]]:
     """A worked solution with between min_redundant and max_redundant redundant steps; returns (text, kinds used).
 
     Each slot (restate first, a verify after each necessary step, the end checks) is included with its kind's
     probability, and the draw is repeated until the count is in range: the count and kinds vary while the likely
-    kinds stay likely (the module docstring says why that keeps greedy decoding verbose)."""
+    kinds stay likely (the module docstring says why that keeps greedy decoding verbose). independent: one draw,
+    the slots independent of each other (version 2; the count range is then not enforced)."""
     steps = necessary_steps(a, op, b)
     slots = ["restate"] + ["verify_step"] * len(steps) + list(END_KINDS)
     lo, hi = max(0, min_redundant), min(max_redundant, len(slots))
     if lo > hi:
         raise DataError(f"testbed: min_redundant {min_redundant} > max_redundant {max_redundant}")
     p = np.array([probs[k] for k in slots])
-    for _ in range(10_000):
+    for _ in range(1 if independent else 10_000):
         mask = rng.random(len(slots)) < p
-        if lo <= int(mask.sum()) <= hi:
+        if independent or lo <= int(mask.sum()) <= hi:
             break
     else:  # only with extreme probabilities: take the likeliest slots instead
         mask = np.zeros(len(slots), dtype=bool)
@@ -213,6 +224,13 @@ def _stats(xs) -> dict:
             "max": float(xs.max())}
 
 
+def _fewer_than_modal(counts: list[int], completions: list[str]) -> float | None:
+    if not counts:
+        return None
+    modal = sum(1 for k, _ in modal_path(completions) if k in REDUNDANT_KINDS)
+    return float(np.mean([c < modal for c in counts]))
+
+
 def problem_row(split: str, i: int, a: int, op: str, b: int, difficulty: int, minimal_tokens: int) -> dict:
     return {"id": f"testbed-{split}-{i}", "problem": problem_text(a, op, b), "answer": str(answer_of(a, op, b)),
             "testbed": {"a": a, "op": op, "b": b, "difficulty": difficulty},
@@ -221,14 +239,18 @@ def problem_row(split: str, i: int, a: int, op: str, b: int, difficulty: int, mi
 
 def generate(out: str | Path, tokenizer, *, seed: int = 0, difficulty: int = DEFAULT_DIFFICULTY, sft: int = 2800,
              train: int = 1000, heldout: int = 200, max_redundant: int = DEFAULT_MAX_REDUNDANT,
-             min_redundant: int = DEFAULT_MIN_REDUNDANT) -> dict:
+             min_redundant: int = DEFAULT_MIN_REDUNDANT, probs: dict[str, float] = KIND_PROBS,
+             independent: bool = False, reasoner: dict | None = None) -> dict:
     """Write `sft.jsonl` (prompt, completion), `train.jsonl` and `heldout.jsonl` (id, problem, answer, testbed,
     necessary_steps, minimal_tokens) and `testbed.json` (the settings and measured token statistics) into `out`.
 
     The three splits are disjoint (commuted pairs included) and fixed by (seed, difficulty, sizes). An SFT `prompt`
     is the problem text, as in the RL files: `algorithm.name: sft` (rl/data/sft.py) renders it through the chat template
     with the config's data.system_prompt exactly as RL renders a problem, so one config's data section serves SFT,
-    RL and eval alike. `tokenizer` (the model to fine-tune) counts minimal_tokens. Returns the testbed.json content."""
+    RL and eval alike. `tokenizer` (the model to fine-tune) counts minimal_tokens. Returns the testbed.json content.
+
+    reasoner: {"width", "layers"} to build the tiny reasoner (rl/data/reasoner.py) into `out/reasoner`, its
+    vocabulary taken from these files; it is then the tokenizer that counts (pass tokenizer=None)."""
     if min(sft, train, heldout) < 0 or max_redundant < 0:
         raise DataError("testbed sizes and --max-redundant must be >= 0")
     problems = sample_problems(difficulty, sft + train + heldout, seed)
@@ -236,15 +258,23 @@ def generate(out: str | Path, tokenizer, *, seed: int = 0, difficulty: int = DEF
     rng = np.random.default_rng([int(seed) & (2**64 - 1), difficulty, 0x501])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    minimal = {name: _token_counts(tokenizer, [minimal_solution(*p) for p in probs]) for name, probs in splits.items()}
-
     sft_rows, kinds, counts = [], {}, []
     for a, op, b in splits["sft"]:
-        text, used = verbose_solution(a, op, b, rng, max_redundant, min_redundant)
+        text, used = verbose_solution(a, op, b, rng, max_redundant, min_redundant, probs, independent)
         sft_rows.append({"prompt": problem_text(a, op, b), "completion": text})
         counts.append(len(used))
         for k in used:
             kinds[k] = kinds.get(k, 0) + 1
+    reasoner_summary = None
+    if reasoner is not None:
+        from rl.data.reasoner import build_reasoner, load_reasoner_tokenizer
+
+        every = [problem_text(*p) for p in problems] + [r["completion"] for r in sft_rows]
+        # Every digit with and without its space, so any number a sampled response writes has tokens.
+        every += [V2_SYSTEM_PROMPT, " ".join("0123456789") + "0123456789"]
+        reasoner_summary = build_reasoner(out / "reasoner", every, **reasoner)
+        tokenizer = load_reasoner_tokenizer(out / "reasoner")
+    minimal = {name: _token_counts(tokenizer, [minimal_solution(*p) for p in ps]) for name, ps in splits.items()}
     verbose = _token_counts(tokenizer, [r["completion"] for r in sft_rows])
     write_atomic(out / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in sft_rows))
     for name in ("train", "heldout"):
@@ -256,7 +286,7 @@ def generate(out: str | Path, tokenizer, *, seed: int = 0, difficulty: int = DEF
     summary = {
         "settings": {"seed": seed, "difficulty": difficulty, "operations": DIFFICULTIES[difficulty],
                      "sft": sft, "train": train, "heldout": heldout, "max_redundant": max_redundant,
-                     "min_redundant": min_redundant, "kind_probs": KIND_PROBS,
+                     "min_redundant": min_redundant, "kind_probs": probs, "independent": independent,
                      "tokenizer": getattr(tokenizer, "name_or_path", None)},
         "space": space_size(difficulty),
         "tokens": {"minimal": _stats(minimal["sft"] + minimal["train"] + minimal["heldout"]),
@@ -265,8 +295,13 @@ def generate(out: str | Path, tokenizer, *, seed: int = 0, difficulty: int = DEF
         "sft_redundant_steps": {"distribution": {str(k): counts.count(k) for k in sorted(set(counts))},
                                 "kinds": kinds, "mean": float(np.mean(counts)) if counts else None},
         "sft_modal_path": [[k, round(p, 3)] for k, p in modal_path([r["completion"] for r in sft_rows])],
+        # The share of SFT solutions with fewer redundant steps than the modal (greedy) path: what sampling offers
+        # a compression method to select.
+        "sft_fewer_redundant_than_modal": _fewer_than_modal(counts, [r["completion"] for r in sft_rows]),
         "files": ["sft.jsonl", "train.jsonl", "heldout.jsonl"],
     }
+    if reasoner_summary is not None:
+        summary["reasoner"] = {**reasoner_summary, "folder": "reasoner"}
     write_atomic(out / "testbed.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
