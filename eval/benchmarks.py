@@ -1,9 +1,10 @@
 """Benchmarks by name: where each one lives on the hub and in a local data folder, and loading them as rows.
 
 By default a named benchmark loads from the hub dataset the community evaluates on (through `datasets`, the same
-code path as training data: rl.data.loading.load_rows). With a data folder (`--data-dir DIR` or $REASONRL_DATA_DIR) it
-reads `DIR/<file>.jsonl` with `id`/`problem`/`answer` instead. Anything else with `problem`/`answer` columns works
-too: a `.jsonl`/`.json`/`.parquet` path, or a hub id (`org/name`, optionally `org/name:split`).
+code path as training data: rl.data.loading.load_rows). With a data folder (`--data-dir DIR` or $REASONRL_DATA_DIR)
+it reads `DIR/<file>.jsonl` with `id`/`problem`/`answer` instead. Anything else with `problem`/`answer` columns
+works too: a `.jsonl`/`.json`/`.parquet` path, or a hub id (`org/name`, optionally `org/name:split`). Gold answers
+are normalised at load (`_normalized`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rewards.answers import normalize_gold
 from rl.data.loading import DataError, load_rows
 
 DATA_DIR_ENV = "REASONRL_DATA_DIR"
@@ -80,6 +82,15 @@ def data_dir_from(arg: str | None) -> Path | None:
     return path
 
 
+def _normalized(row: dict) -> dict:
+    """The gold as math-verify reads it as meant (rewards.answers.normalize_gold: Minerva's `4.5e33`, `-1./3`,
+    `np.arcsin(10/13)`); the file's own string stays in `answer_original` where the two differ."""
+    gold = normalize_gold(row["answer"])
+    if gold == row["answer"]:
+        return row
+    return {**row, "answer": gold, "answer_original": row.get("answer_original", row["answer"])}
+
+
 def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> tuple[list[dict], dict]:
     """Rows `{"id", "problem", "answer", ...}` of one benchmark (the first `limit` of them) and load statistics
     (`rows`, `skipped_no_answer`, `skipped_no_problem`, `source`). Rows without an answer are skipped and counted."""
@@ -108,6 +119,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
         hub, _, split = name.partition(":")
         rows, stats = load_rows(hub, split or "test")
         source = f"{hub}:{split or 'test'}"
+    rows = [_normalized(r) for r in rows]
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):  # results are paired by id in `compare`; duplicates would pair wrongly
         rows = [dict(r, id=f"{r['id']}#{i}") for i, r in enumerate(rows)]

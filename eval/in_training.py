@@ -114,8 +114,8 @@ class BenchmarkEval:
                 row[f"eval/{name}/redundancy_rate"] = m["redundancy_rate"]
             print(f"step {step} {name}: accuracy {m['accuracy']:.3f} [{m['accuracy_ci'][0]:.3f}, "
                   f"{m['accuracy_ci'][1]:.3f}], {m['tokens']['mean']:.0f} tokens", flush=True)
-        meta = {"model": f"{self.cfg.model.path}@step-{step}", "system_prompt": self.cfg.data.system_prompt,
-                "prompt_suffix": self.cfg.data.prompt_suffix, **dataclasses.asdict(self.settings),
+        meta = {"model": f"{self.cfg.model.path}@step-{step}", **dataclasses.asdict(self.settings),
+                "system_prompt": self.cfg.data.system_prompt, "prompt_suffix": self.cfg.data.prompt_suffix,
                 "verifier": VERIFIER, "limit": self.cfg.trainer.eval_limit, "benchmarks": self.stats}
         write_atomic(out / SETTINGS_FILE, json.dumps(meta, indent=2) + "\n")
         write_metrics(out, results, {"step": step})

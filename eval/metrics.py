@@ -1,4 +1,4 @@
-"""Per-benchmark metrics from per-sample records (pure Python/numpy: no model, Ray or verifier imports).
+"""Per-benchmark metrics from per-sample records (Python/numpy; math-verify only for maj@k's answer equivalence).
 
 A record is one response: `{"problem_id", "sample", "tokens", "finish_reason", "extracted", "correct", ...}` (the
 lines of `samples/<benchmark>.jsonl`). Problems are the independent units: intervals resample problems, never
@@ -7,8 +7,7 @@ samples, because samples of one problem are correlated.
 from __future__ import annotations
 
 import re
-from collections import Counter
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -36,27 +35,40 @@ def k_values(n: int) -> list[int]:
 
 
 def vote_key(extracted: str | None) -> str | None:
-    """What majority voting compares: the extracted answer without spacing, `$` and a trailing period.
-
-    A literal comparison, so `\\frac12` and `0.5` count as different votes; the verifier decides afterwards
-    whether the winning answer is correct.
-    """
+    """The extracted answer without spacing, `$` and a trailing period (None: no answer, no vote)."""
     if extracted is None:
         return None
     key = re.sub(r"\s+", "", str(extracted)).strip("$").rstrip(".")
     return key or None
 
 
-def majority_correct(records: list[dict]) -> bool:
-    """Is the most frequent extracted answer among `records` correct? Ties go to the answer seen first;
-    responses without an answer do not vote; no answer at all counts as wrong."""
+def _math_equivalence(a: str, b: str) -> bool:
+    from rewards.answers import same_answer  # math-verify (sympy): only once maj@k is computed
+
+    return same_answer(a, b)
+
+
+def majority_correct(records: list[dict], same: Callable[[str, str], bool] | None = None) -> bool:
+    """Is the most voted answer among `records` correct? Votes go to classes of equivalent answers (`same`, default
+    math-verify's equivalence: `\\frac12` and `0.5` are one answer, as in Qwen2.5-Math's and lighteval's maj@k), not
+    to literal strings. Ties go to the class seen first; responses without an answer do not vote; no answer at all
+    counts as wrong. The class is as correct as its first member (the verifier already judged each response)."""
+    same = same or _math_equivalence
+    classes: list[list[int]] = []  # indices of records, per class of equivalent answers, in first-seen order
     keys = [vote_key(r.get("extracted")) for r in records]
-    counts = Counter(k for k in keys if k is not None)
-    if not counts:
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        home = next((c for c in classes if keys[c[0]] == key or same(keys[c[0]], key)), None)
+        if home is None:
+            classes.append([i])
+        else:
+            home.append(i)
+    if not classes:
         return False
-    top = max(counts.values())
-    winner = next(k for k in keys if k is not None and counts[k] == top)
-    return bool(next(r["correct"] for r, k in zip(records, keys) if k == winner))
+    top = max(len(c) for c in classes)
+    winner = next(c for c in classes if len(c) == top)
+    return bool(records[winner[0]]["correct"])
 
 
 def _token_stats(tokens: list[int]) -> dict:

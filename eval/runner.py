@@ -6,12 +6,15 @@ rl.rollout.group.RolloutGroup (data-parallel over Ray workers, the same `generat
 through rl.data.loading.render_prompt with the template of the run that produced the checkpoint (its config.yaml), and
 scoring through rl.scoring.group.RewardGroup with the `math_verify` reward (`rewards.resolve("math_verify")`, in an
 isolated child process with a time limit). Train-time and eval-time answer extraction are the same function.
+A named protocol (eval/protocols.py, `--protocol`) fixes the prompt, sampling, samples per benchmark, budget and the
+verifier's grading kwargs so the numbers can stand beside a paper's; the default, `reasonrl`, is the above.
 
 Output folder:
   eval_config.json        model, prompt template, sampling settings, verifier, benchmark sources
   samples/<bench>.jsonl   one line per response (problem id, completion, tokens, finish reason, extracted answer,
                           correct); appended chunk by chunk, so an interrupted eval resumes where it stopped
-  metrics.json            per-benchmark metrics (eval.metrics.benchmark_metrics)
+  metrics.json            per-benchmark metrics (eval.metrics.benchmark_metrics), the protocol, its source and every
+                          setting that differs from it
   results.md              the same as a Markdown table
 """
 from __future__ import annotations
@@ -28,10 +31,11 @@ from typing import TYPE_CHECKING
 
 from eval.benchmarks import data_dir_from, load_benchmark, slug
 from eval.metrics import benchmark_metrics, markdown_table
+from eval.protocols import DEFAULT, PROTOCOLS, Protocol, get_protocol
 from eval.redundancy import record_fields
 from rewards.isolation import IsolatedRewards, cap_log_messages
-from rewards.math import last_boxed
-from rl.config.schema import Config, ConfigError, RewardConfig, RewardFunction, load_config
+from rewards.answers import EXTRACTIONS, THINK_MODES, extracted_answer
+from rl.config.schema import Config, ConfigError, DataConfig, RewardConfig, RewardFunction, load_config
 from rl.data.loading import render_prompt
 from rl.store.atomic import write_atomic
 from rl.store.metrics import read_metrics
@@ -48,32 +52,50 @@ VERIFIER = "math_verify"  # the training reward's registry name: the same functi
 SETTINGS_FILE, METRICS_FILE, TABLE_FILE, SAMPLES_DIR = "eval_config.json", "metrics.json", "results.md", "samples"
 # Settings that change what a response is; a resumed eval must match them, or its samples would mix two setups.
 _MUST_MATCH = ("model", "system_prompt", "prompt_suffix", "samples", "greedy", "temperature", "top_p",
-               "max_new_tokens", "seed", "chunk_problems", "verifier")
+               "max_new_tokens", "seed", "chunk_problems", "verifier", "samples_per_benchmark", "user_template",
+               "user_templates", "extraction", "think", "rel_tol")
 
 
 @dataclasses.dataclass
 class EvalSettings:
-    samples: int = 1
-    greedy: bool = False
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 2048
+    """Every setting of one eval. The defaults are the `reasonrl` protocol's (eval.protocols.Protocol, the one source);
+    `from_protocol` starts from another protocol."""
+    samples: int = DEFAULT.samples
+    greedy: bool = DEFAULT.greedy
+    temperature: float = DEFAULT.temperature
+    top_p: float = DEFAULT.top_p
+    max_new_tokens: int = DEFAULT.max_new_tokens
     seed: int = 0
     chunk_problems: int = 16  # problems per generate call (and per resume unit)
     batch_size: int = 16  # sequences per `generate` inside a worker
     # The reward that decides "correct": a registry name, `module:function` or file path (TRL's reward contract).
     # math_verify for benchmarks; exact_match where a boxed expression must not count (the testbed's sums).
     verifier: str = VERIFIER
+    protocol: str = DEFAULT.name
+    samples_per_benchmark: dict = dataclasses.field(default_factory=dict)  # {benchmark: samples}, over `samples`
+    # The prompt: the run's template (prompt_from_run), or the protocol's system prompt and user template.
+    prompt_from_run: bool = DEFAULT.prompt_from_run
+    system_prompt: str | None = DEFAULT.system_prompt
+    user_template: str = DEFAULT.user_template
+    user_templates: dict = dataclasses.field(default_factory=dict)
+    # Grading (math_verify's keyword arguments; rewards/answers.py says what each does).
+    extraction: str = DEFAULT.extraction
+    think: str = DEFAULT.think
+    rel_tol: float = DEFAULT.rel_tol
 
     def __post_init__(self):
-        if self.samples < 1 or self.max_new_tokens < 1 or self.chunk_problems < 1 or self.batch_size < 1:
+        counts = [self.samples, *self.samples_per_benchmark.values()]
+        if min(counts) < 1 or self.max_new_tokens < 1 or self.chunk_problems < 1 or self.batch_size < 1:
             raise ConfigError("--samples, --max-new-tokens, --chunk-problems and --batch-size must be >= 1")
-        if self.greedy and self.samples > 1:
+        if self.greedy and max(counts) > 1:
             raise ConfigError("--greedy gives the same response every time: use --samples 1, or sample "
                               "(--temperature) for avg@k")
         if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ConfigError(f"--temperature must be > 0 and --top-p in (0, 1], got {self.temperature}, "
                               f"{self.top_p}")
+        if self.extraction not in EXTRACTIONS or self.think not in THINK_MODES or self.rel_tol < 0:
+            raise ConfigError(f"--extraction must be one of {EXTRACTIONS}, --think one of {THINK_MODES}, --rel-tol "
+                              f">= 0; got {self.extraction!r}, {self.think!r}, {self.rel_tol}")
         from rewards import RewardSpecError, check_spec
 
         try:  # a typo fails here, before Ray starts; a file path becomes absolute for the workers
@@ -81,10 +103,41 @@ class EvalSettings:
         except RewardSpecError as err:
             raise ConfigError(f"--verifier: {err}") from err
 
-    def sampling(self) -> SamplingParams:
+    @classmethod
+    def from_protocol(cls, name: str = DEFAULT.name, **overrides) -> "EvalSettings":
+        """The protocol's settings with `overrides` (None values ignored: an option the user did not give)."""
+        p = get_protocol(name)
+        base = {f.name: getattr(p, f.name) for f in dataclasses.fields(cls) if f.name in Protocol.model_fields}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        base["protocol"] = p.name
+        return cls(**base)
+
+    def differences(self) -> dict:
+        """{setting: {"protocol": its value, "used": this eval's}} for every setting that departs from the protocol
+        (what a reader must know before putting the numbers beside the protocol's source)."""
+        p = get_protocol(self.protocol)
+        return {f: {"protocol": getattr(p, f), "used": getattr(self, f)} for f in Protocol.model_fields
+                if f not in ("name", "source") and hasattr(self, f) and getattr(self, f) != getattr(p, f)}
+
+    def samples_for(self, benchmark: str) -> int:
+        return self.samples_per_benchmark.get(benchmark, self.samples)
+
+    def user_text(self, benchmark: str, problem: str, suffix: str = "") -> str:
+        """The user message: the protocol's template around the problem (or problem + the run's suffix)."""
+        if self.prompt_from_run:
+            return problem + suffix
+        return self.user_templates.get(benchmark, self.user_template).format(problem=problem)
+
+    def verifier_kwargs(self) -> dict:
+        """The grading settings as reward kwargs; only math_verify takes them (another verifier grades its own way)."""
+        if self.verifier != VERIFIER:
+            return {}
+        return {"extraction": self.extraction, "think": self.think, "rel_tol": self.rel_tol}
+
+    def sampling(self, n: int | None = None) -> SamplingParams:
         from rl.rollout.worker import SamplingParams  # torch: kept off the import path of `reasonrl --help` and config checks
 
-        return SamplingParams(n=self.samples, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+        return SamplingParams(n=n or self.samples, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=0, greedy=self.greedy, batch_size=self.batch_size,
                               logprobs=False)
 
@@ -131,8 +184,10 @@ def check_model(path: str) -> None:
 
 
 def eval_config(model_spec: str, run_config: Path | None, config_path: str | None, num_workers: int,
-                reward_workers: int, timeout: float | None, verifier: str = VERIFIER) -> Config:
-    """The run's config (prompt template, dtype, Ray settings) with the eval's model, workers and verifier."""
+                reward_workers: int, timeout: float | None, verifier: str = VERIFIER,
+                verifier_kwargs: dict | None = None) -> Config:
+    """The run's config (prompt template, dtype, Ray settings) with the eval's model, workers and verifier (with its
+    grading kwargs: EvalSettings.verifier_kwargs)."""
     if run_config is not None and config_path is not None:
         raise ConfigError(f"--config: the model comes from a run whose {run_config} gives the prompt template; "
                           "drop --config")
@@ -142,7 +197,7 @@ def eval_config(model_spec: str, run_config: Path | None, config_path: str | Non
     # training watchdog would report as stuck; an eval has no step rhythm to watch.
     cfg.trainer.watchdog_seconds = None
     cfg.rollout.num_workers = num_workers
-    cfg.reward = RewardConfig(functions=[RewardFunction(fn=verifier)], accuracy=verifier,
+    cfg.reward = RewardConfig(functions=[RewardFunction(fn=verifier, kwargs=verifier_kwargs or {})], accuracy=verifier,
                               num_workers=reward_workers, timeout_seconds=timeout)
     return cfg
 
@@ -150,10 +205,12 @@ def eval_config(model_spec: str, run_config: Path | None, config_path: str | Non
 # ------------------------------------------------------------------------------------ generation + scoring
 
 def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], params: SamplingParams, seed: int,
-                     benchmark: str, weights=None, verifier: str = VERIFIER) -> tuple[list[dict], dict]:
+                     benchmark: str, weights=None, verifier: str = VERIFIER, extraction: str = DEFAULT.extraction,
+                     think: str = DEFAULT.think) -> tuple[list[dict], dict]:
     """Generate `params.n` responses per prompt on the rollout workers and score them with the verifier on the
     reward workers, through rl.scoring.score (the columns and verdict training uses). `weights`: the run's weight-sync
     owner when called from a training run (the workers must hold its version), None in a standalone eval.
+    `extraction` / `think`: how the record's `extracted` answer is read (the verifier's own kwargs decide correct).
     Returns (one record per response, verifier failure counts)."""
     k = params.n
     batch = rollouts.generate(prompts, params, seed, weights=weights)
@@ -164,7 +221,7 @@ def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], pa
         row = rows[i // k]
         records.append({"benchmark": benchmark, "problem_id": row["id"], "sample": i % k, "answer": row["answer"],
                         "completion": text, "tokens": tokens, "finish_reason": batch.finish_reason[i],
-                        "extracted": last_boxed(text), "correct": bool(scored.correct[i]), "score": float(scores[i]),
+                        "extracted": extracted_answer(text, extraction, think), "correct": bool(scored.correct[i]), "score": float(scores[i]),
                         **record_fields(row, text)})  # testbed rows: redundant / necessary step counts
     failures = {"verifier_failures": result.failures.get(verifier, 0),
                 "verifier_timeouts": result.timeouts.get(verifier, 0)}
@@ -222,11 +279,33 @@ def _check_resumable(out: Path, settings: dict, overwrite: bool) -> dict:
         log.warning("moved the previous eval in %s to %s", out, aside)
         return {}
     old = json.loads(old_path.read_text())
-    diff = [f"{k} ({old.get(k)!r} there, {settings.get(k)!r} now)" for k in _MUST_MATCH if old.get(k) != settings.get(k)]
+    # A folder written before a setting existed was made at that setting's default (the reasonrl protocol's).
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(EvalSettings)}
+    diff = [f"{k} ({old.get(k, defaults.get(k))!r} there, {settings.get(k)!r} now)" for k in _MUST_MATCH
+            if old.get(k, defaults.get(k)) != settings.get(k)]
     if diff:
         raise ConfigError(f"{out} holds an eval with other settings: {'; '.join(diff)}. Use another --out, or "
                           "--overwrite to move it aside")
     return old
+
+
+def _prompt(settings: EvalSettings, cfg: Config, run_config, config_path, model: str) -> tuple[str | None, str]:
+    """(system prompt, user suffix) of this eval: the run's template under `prompt_from_run`, else the protocol's."""
+    if not settings.prompt_from_run:
+        return settings.system_prompt, ""
+    if run_config is None and config_path is None and cfg.data.system_prompt == DataConfig().system_prompt:
+        # A hub model never saw reasonrl's training prompt: its numbers match no paper's (issue 27).
+        log.warning("%s gets reasonrl's built-in default prompt (%r): no paper evaluates with it. Pick a protocol "
+                    "(--protocol %s) or the model's training template (--config)", model, cfg.data.system_prompt,
+                    "|".join(p for p in PROTOCOLS if p != DEFAULT.name))
+    return cfg.data.system_prompt, cfg.data.prompt_suffix
+
+
+def protocol_record(settings: EvalSettings) -> dict:
+    """What metrics.json says about the protocol: its name, source and every setting this eval changed."""
+    return {"protocol": settings.protocol, "protocol_source": get_protocol(settings.protocol).source,
+            "differs_from_protocol": settings.differences()}
 
 
 def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalSettings, *,
@@ -245,31 +324,34 @@ def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalS
             log.warning("%s: skipped %d rows without an answer and %d without a problem", name,
                         stats.get("skipped_no_answer", 0), stats.get("skipped_no_problem", 0))
     spec, run_config = locate_model(model)
-    cfg = eval_config(spec, run_config, config_path, num_workers, reward_workers, timeout, settings.verifier)
+    cfg = eval_config(spec, run_config, config_path, num_workers, reward_workers, timeout, settings.verifier,
+                      settings.verifier_kwargs())
     model_path = resolve_model(spec, cfg.model.cache_dir)
     check_model(model_path)
     tokenizer = load_tokenizer(model_path)
+    system_prompt, suffix = _prompt(settings, cfg, run_config, config_path, model)
 
     out = Path(out).resolve()
     meta = {"model": model, "model_path": model_path, "run_config": str(run_config) if run_config else None,
-            "system_prompt": cfg.data.system_prompt, "prompt_suffix": cfg.data.prompt_suffix,
-            **dataclasses.asdict(settings), "limit": limit,
+            **dataclasses.asdict(settings), "system_prompt": system_prompt, "prompt_suffix": suffix, "limit": limit,
             "benchmarks": {name: stats for name, (_, stats) in loaded.items()}}
     old = _check_resumable(out, meta, overwrite)
     meta["benchmarks"] = {**old.get("benchmarks", {}), **meta["benchmarks"]}  # earlier benchmarks stay listed
     (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     write_atomic(out / SETTINGS_FILE, json.dumps(meta, indent=2) + "\n")
 
-    k, params = settings.samples, settings.sampling()
-    plan, done = {}, {}
+    plan, done, params = {}, {}, {}
     for name, (rows, _) in loaded.items():
+        k = settings.samples_for(name)
+        params[name] = settings.sampling(k)
         path = out / SAMPLES_DIR / f"{name}.jsonl"
         existing = read_samples(path)
         # Every complete problem stays in the file (a smaller --limit must not delete work); incomplete ones go.
         complete = complete_problems(existing, k, list(dict.fromkeys(str(r["problem_id"]) for r in existing)))
         write_samples(path, [rec for recs in complete.values() for rec in recs])
         done[name] = {r["id"]: complete[r["id"]] for r in rows if r["id"] in complete}
-        prompts = [render_prompt(tokenizer, r["problem"], cfg.data.system_prompt, cfg.data.prompt_suffix) for r in rows]
+        prompts = [render_prompt(tokenizer, settings.user_text(name, r["problem"], suffix), system_prompt)
+                   for r in rows]
         plan[name] = [(ci, [(r, p) for r, p in zip(rows[a:a + settings.chunk_problems],
                                                     prompts[a:a + settings.chunk_problems]) if r["id"] not in done[name]])
                       for ci, a in enumerate(range(0, len(rows), settings.chunk_problems))]
@@ -278,19 +360,20 @@ def run_eval(model: str, benchmarks: list[str], out: str | Path, settings: EvalS
 
     failures = {name: {"verifier_failures": 0, "verifier_timeouts": 0} for name in loaded}
     if any(todo for chunks in plan.values() for _, todo in chunks):
-        _generate_all(cfg, model_path, out, loaded, plan, done, params, settings.seed, failures, progress)
+        _generate_all(cfg, model_path, out, loaded, plan, done, params, settings, failures, progress)
 
     metrics = {}
     for name, (rows, stats) in loaded.items():
         records = [rec for r in rows for rec in done[name][r["id"]]]
         metrics[name] = dict(benchmark_metrics(records, seed=settings.seed, budget=settings.max_new_tokens),
                              skipped_no_answer=stats.get("skipped_no_answer", 0), **failures[name])
-    table = write_metrics(out, metrics, {"model": model, "settings": dataclasses.asdict(settings)})
+    table = write_metrics(out, metrics, {"model": model, **protocol_record(settings), "system_prompt": system_prompt,
+                                         "settings": dataclasses.asdict(settings)})
     print(table, end="", flush=True)
     return metrics
 
 
-def _generate_all(cfg, model_path, out, loaded, plan, done, params, seed, failures, progress) -> None:
+def _generate_all(cfg, model_path, out, loaded, plan, done, params, settings, failures, progress) -> None:
     # Ray and torch (through rl.cluster.session) only once every input is checked and there is something to generate.
     import ray.exceptions
     from tqdm import tqdm
@@ -315,20 +398,22 @@ def _generate_all(cfg, model_path, out, loaded, plan, done, params, seed, failur
             rows = loaded[name][0]
             path = out / SAMPLES_DIR / f"{name}.jsonl"
             correct = sum(r["correct"] for recs in done[name].values() for r in recs)
-            seen = len(done[name]) * params.n
+            n = params[name].n
+            seen = len(done[name]) * n
             bar = tqdm(total=len(rows), initial=len(done[name]), desc=name, unit="problem", file=sys.stderr,
                        dynamic_ncols=True, disable=not progress)
             for ci, todo in chunks:
                 if not todo:
                     continue
                 records, fails = generate_records(groups[0], groups[1], [r for r, _ in todo], [p for _, p in todo],
-                                                  params, chunk_seed(seed, name, ci), name,
-                                                  verifier=cfg.reward.accuracy)
+                                                  params[name], chunk_seed(settings.seed, name, ci), name,
+                                                  verifier=cfg.reward.accuracy, extraction=settings.extraction,
+                                                  think=settings.think)
                 append_records(path, records)
                 for key, v in fails.items():
                     failures[name][key] += v
                 for i, (r, _) in enumerate(todo):
-                    done[name][r["id"]] = records[i * params.n:(i + 1) * params.n]
+                    done[name][r["id"]] = records[i * n:(i + 1) * n]
                 correct += sum(r["correct"] for r in records)
                 seen += len(records)
                 bar.set_postfix(acc=f"{correct / max(1, seen):.3f}", refresh=False)
@@ -347,7 +432,10 @@ def rescore(out: str | Path, timeout: float | None = 30.0) -> dict:
         raise FileNotFoundError(f"--rescore: {out} has no {SETTINGS_FILE} (not an eval folder)")
     meta = json.loads((out / SETTINGS_FILE).read_text())
     metrics, verifier_name = {}, meta.get("verifier", VERIFIER)  # the eval's own verifier: a rescore must not switch it
-    with IsolatedRewards([(verifier_name, {})], timeout, chunk_size=64) as verifier:
+    # ... nor its grading (a folder from before the protocols was graded at the reasonrl defaults).
+    grading = {k: meta.get(k, getattr(DEFAULT, k)) for k in ("extraction", "think", "rel_tol")}
+    kwargs = grading if verifier_name == VERIFIER else {}
+    with IsolatedRewards([(verifier_name, kwargs)], timeout, chunk_size=64) as verifier:
         for name in meta["benchmarks"]:
             path = out / SAMPLES_DIR / f"{name}.jsonl"
             records = read_samples(path)
@@ -356,10 +444,11 @@ def rescore(out: str | Path, timeout: float | None = 30.0) -> dict:
             texts = [r["completion"] for r in records]
             result = verifier.score([""] * len(texts), texts, {"answer": [r["answer"] for r in records]})
             for r, s, text in zip(records, result.scores[verifier_name], texts):
-                r.update(score=float(s), correct=bool(s > 0.5), extracted=last_boxed(text))
+                r.update(score=float(s), correct=bool(s > 0.5), extracted=extracted_answer(text, grading["extraction"], grading["think"]))
             write_samples(path, records)
             metrics[name] = dict(benchmark_metrics(records, seed=meta.get("seed", 0),
                                                    budget=meta.get("max_new_tokens")),
                                  verifier_failures=result.failures[verifier_name], verifier_timeouts=result.timeouts[verifier_name])
-    print(write_metrics(out, metrics, {"model": meta.get("model"), "rescored": True}), end="", flush=True)
+    extra = {"model": meta.get("model"), "rescored": True, "protocol": meta.get("protocol", DEFAULT.name), **grading}
+    print(write_metrics(out, metrics, extra), end="", flush=True)
     return metrics

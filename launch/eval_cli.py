@@ -8,12 +8,30 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from eval.protocols import PROTOCOLS
 from rl.config.schema import ConfigError
+
+
+def settings_from_args(args):
+    """eval.runner.EvalSettings from `reasonrl eval`'s options: the protocol's settings, then what was given."""
+    from eval.protocols import get_protocol, parse_samples
+    from eval.runner import EvalSettings
+
+    samples, named = parse_samples(args.samples)
+    # A bare N applies to every benchmark not named in --samples; without one the protocol's own counts stay.
+    per_benchmark = named if samples is not None else {**get_protocol(args.protocol).samples_per_benchmark, **named}
+    # Options left out (None) keep the protocol's value; a temperature given to a greedy protocol means sampling.
+    greedy = True if args.greedy else (False if args.temperature is not None else None)
+    return EvalSettings.from_protocol(
+        args.protocol, samples=samples, samples_per_benchmark=per_benchmark, greedy=greedy,
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        chunk_problems=args.chunk_problems, batch_size=args.batch_size, verifier=args.verifier,
+        extraction=args.extraction, think=args.think, rel_tol=args.rel_tol)
 
 
 def _eval(args) -> int:
     from eval.benchmarks import parse_benchmarks
-    from eval.runner import EvalSettings, rescore, run_eval
+    from eval.runner import rescore, run_eval
     from rewards.isolation import cap_log_messages
 
     cap_log_messages(*logging.getLogger().handlers)  # verifier logs quote model output: no line of any length
@@ -24,9 +42,7 @@ def _eval(args) -> int:
         raise ConfigError("reasonrl eval needs --model (a run folder, checkpoint, HF folder, hub id, bundled:NAME or "
                           "tiny:NAME), or --rescore OUT")
     benchmarks = parse_benchmarks(args.benchmarks)
-    settings = EvalSettings(samples=args.samples, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, chunk_problems=args.chunk_problems,
-                            batch_size=args.batch_size, verifier=args.verifier)
+    settings = settings_from_args(args)
     out = args.out or str(Path("results") / Path(args.model.rstrip("/")).name.replace(":", "-"))
     run_eval(args.model, benchmarks, out, settings, data_dir=args.data_dir, limit=args.limit,
              num_workers=args.num_workers, reward_workers=args.reward_workers, config_path=args.config,
@@ -53,11 +69,19 @@ def add_eval_commands(sub) -> None:
                     "id org/name[:split] (default math500)")
     ev.add_argument("--data-dir", help="folder with local <benchmark>.jsonl files (id/problem/answer) instead of the "
                     "hub; default $REASONRL_DATA_DIR")
-    ev.add_argument("--samples", type=int, default=1, help="responses per problem (avg@k, pass@k, maj@k)")
-    ev.add_argument("--greedy", action="store_true", help="greedy decoding (needs --samples 1)")
-    ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
-    ev.add_argument("--top-p", type=float, default=1.0)
-    ev.add_argument("--max-new-tokens", type=int, default=2048, help="generation budget (default 2048, FGO's)")
+    ev.add_argument("--protocol", default="reasonrl", choices=list(PROTOCOLS),
+                    help="named protocol fixing prompt, sampling, samples, budget and grading (eval/protocols.py, "
+                    "README 'Which protocol'): " + "; ".join(f"{p.name}: {p.source}" for p in PROTOCOLS.values()))
+    ev.add_argument("--samples", help="responses per problem (avg@k, pass@k, maj@k): N, BENCHMARK=N or a list "
+                    "(4,aime24=16); default the protocol's")
+    ev.add_argument("--greedy", action="store_true", default=None, help="greedy decoding (needs --samples 1)")
+    ev.add_argument("--temperature", type=float, help="sampling temperature (default the protocol's; reasonrl 0.6)")
+    ev.add_argument("--top-p", type=float, help="default the protocol's (reasonrl 1.0)")
+    ev.add_argument("--max-new-tokens", type=int, help="generation budget (default the protocol's; reasonrl 2048)")
+    ev.add_argument("--extraction", choices=["last_box", "math_verify"], help="answer extraction: last balanced "
+                    "box (training's) or lighteval's math-verify targets (default the protocol's)")
+    ev.add_argument("--think", choices=["keep", "split"], help="split: score only the text after </think>")
+    ev.add_argument("--rel-tol", type=float, help="numbers within this relative tolerance count as equal")
     ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", help="output folder (default results/<model name>); an existing one is resumed")

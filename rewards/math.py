@@ -10,8 +10,8 @@ import functools
 import logging
 import re
 
-from math_verify import parse, verify
-
+from rewards.answers import (EXTRACTIONS, THINK_MODES, Extraction, Think, equal, extract, last_boxed, normalize_gold,
+                             parse_answer)
 from rewards.registry import register
 from .isolation import cap_log_messages
 
@@ -22,38 +22,6 @@ cap_log_messages(*(name for name in list(logging.root.manager.loggerDict)
 
 __all__ = ["last_boxed", "math_verify", "boxed_format"]
 
-# Optional whitespace after the command: "\boxed {x}" is valid LaTeX and models do write it.
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the LAST ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, matched by braces (nesting allowed).
-
-    None when there is no box or the last one is unbalanced: a completion cut off inside its final box has not
-    given an answer, and falling back to an earlier box would reward a draft the model moved away from.
-    """
-    if not isinstance(text, str):
-        return None
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    if not starts:
-        return None
-    i = start = starts[-1]
-    depth = 1
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":  # skip the escaped char: \{ and \} are literal braces, not grouping
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-        i += 1
-    return None
-
-
 def _text(completion) -> str:
     # TRL passes conversational completions as [{"role": "assistant", "content": ...}]; score the last message.
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
@@ -61,34 +29,35 @@ def _text(completion) -> str:
     return completion if isinstance(completion, str) else str(completion)
 
 
-def _wrap(expr: str) -> str:
-    # Bare LaTeX is not extracted reliably (`\sqrt{8}` -> [], `(1, 2)` -> [2]); inside $...$ it is.
-    s = expr.strip()
-    if s.startswith("$") or "\\boxed" in s:
-        return s
-    return f"${s}$"
-
-
 @functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str) -> tuple:
+def _parse_gold(gold: str, extraction: str = "last_box") -> tuple:
     # GRPO scores a group of completions against the same gold answer; parse it once. A tuple, so the cached
-    # value cannot be mutated by a caller.
-    return tuple(parse(_wrap(gold)))
+    # value cannot be mutated by a caller. normalize_gold: Minerva's `4.5e33`, `-1./3`, `np.arcsin(...)` as LaTeX.
+    return tuple(parse_answer(normalize_gold(gold), extraction))
 
 
 @register("math_verify")
-def math_verify(prompts, completions, answer, **kwargs) -> list[float]:
-    """1.0 if the last boxed expression of the completion is mathematically equal to ``answer``, else 0.0."""
+def math_verify(prompts, completions, answer, extraction: Extraction = "last_box", think: Think = "keep",
+                rel_tol: float = 0.0, **kwargs) -> list[float]:
+    """1.0 if the completion's answer is mathematically equal to ``answer``, else 0.0.
+
+    The defaults are the training reward: the last balanced ``\\boxed{}`` of the whole completion, math-verify's
+    equivalence. The eval protocols (eval/protocols.py) pass reward kwargs: ``extraction="math_verify"``
+    (lighteval's targets: boxes first, several joined, "the answer is 42"), ``think="split"`` (only the text after
+    ``</think>``), ``rel_tol`` (numbers within a relative tolerance, Qwen2.5-Math's grader: 1e-4).
+    """
+    if extraction not in EXTRACTIONS or think not in THINK_MODES:
+        raise ValueError(f"math_verify: extraction must be one of {EXTRACTIONS} and think one of {THINK_MODES}, "
+                         f"got {extraction!r}, {think!r}")
     out = []
     for completion, gold in zip(completions, answer, strict=True):
-        pred = last_boxed(_text(completion))
-        gold_parsed = _parse_gold(str(gold)) if gold is not None else ()
+        gold_parsed = _parse_gold(str(gold), extraction) if gold is not None else ()
         # An unparseable gold must never score 1.0 (an empty gold list must not make verify() vacuously true).
-        if pred is None or not pred.strip() or not gold_parsed:
+        if not gold_parsed:
             out.append(0.0)
             continue
-        pred_parsed = parse(_wrap(pred))
-        out.append(1.0 if pred_parsed and verify(list(gold_parsed), pred_parsed) else 0.0)
+        pred_parsed, _ = extract(_text(completion), extraction, think)
+        out.append(1.0 if equal(list(gold_parsed), pred_parsed, rel_tol) else 0.0)
     return out
 
 

@@ -27,6 +27,9 @@ class RolloutBatch:
     entropy_sum: list[float] = field(default_factory=list)
     finish_reason: list[str] = field(default_factory=list)  # "stop" (EOS generated) or "length" (budget used up)
     text: list[str] = field(default_factory=list)
+    # Speculative decoding (rl/rollout/speculative.py), per sample: {"forwards": verifying forwards it took part
+    # in, "drafted": drafted tokens, "accepted": drafted tokens kept}; {} where the sample was decoded plainly.
+    speculation: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -36,14 +39,27 @@ class RolloutBatch:
         """Response length in tokens, per sample."""
         return [len(r) for r in self.response_ids]
 
+    def speculation_stats(self) -> dict[str, float]:
+        """Over the speculated samples: acceptance_rate (accepted / drafted tokens), tokens_per_forward (response
+        tokens per sequence and verifying forward; 1 is plain decoding), drafted, accepted ({} if none speculated)."""
+        rows = [(s, len(r)) for s, r in zip(self.speculation, self.response_ids) if s]
+        if not rows:
+            return {}
+        drafted, accepted = sum(s["drafted"] for s, _ in rows), sum(s["accepted"] for s, _ in rows)
+        forwards = sum(s["forwards"] for s, _ in rows)
+        return {"acceptance_rate": accepted / drafted if drafted else 0.0,
+                "tokens_per_forward": sum(n for _, n in rows) / forwards if forwards else 0.0,
+                "drafted": float(drafted), "accepted": float(accepted)}
+
     def append(self, prompt_ids: list[int], response_ids: list[int], logprobs: list[float], entropy_sum: float,
-               finish_reason: str, text: str) -> None:
+               finish_reason: str, text: str, speculation: dict | None = None) -> None:
         self.prompt_ids.append(prompt_ids)
         self.response_ids.append(response_ids)
         self.logprobs.append(logprobs)
         self.entropy_sum.append(entropy_sum)
         self.finish_reason.append(finish_reason)
         self.text.append(text)
+        self.speculation.append(speculation or {})
 
     @classmethod
     def concat(cls, parts: list["RolloutBatch"]) -> "RolloutBatch":

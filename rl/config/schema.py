@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from rl.config.algorithm import AlgorithmConfig, FGOConfig, LearnerConfig, SftConfig, TodoConfig  # noqa: F401
 from rl.config.base import ConfigError, Section
 from rl.config.gpu import gpu_problem, nccl_would_share_a_gpu  # the GPU-path rules live beside the code they protect
+from rl.config.speculative import SpeculativeConfig
 
 
 class ModelConfig(Section):
@@ -133,6 +134,16 @@ class RolloutConfig(Section):
     vllm_sleep: bool = Field(False, description="Backend vllm: after each generation the engine sleeps (vLLM sleep "
                              "mode level 1: KV cache freed, weights offloaded to CPU) and wakes for the next weight "
                              "load or generation, so a learner sharing the GPU has that memory while it trains.")
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig, description="Lossless speculative "
+                                           "decoding for backends transformers / continuous (rl/rollout/"
+                                           "speculative.py); off by default.")
+
+    @model_validator(mode="after")
+    def _speculative_backend(self):
+        if self.speculative.enabled and self.backend == "vllm":
+            raise ValueError("speculative.drafter: reasonrl's speculative decoding runs in the transformers / "
+                             "continuous backends; for vllm pass vLLM's own speculative_config in rollout.vllm")
+        return self
 
 
 def _checked_spec(spec: str) -> str:

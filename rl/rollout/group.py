@@ -10,6 +10,7 @@ from rl.config.schema import Config
 from rl.contracts import RolloutBatch
 from rl.learner.batch import split_bounds
 from rl.rollout.worker import RolloutWorker, SamplingParams
+from rl.seeds import derive_seed
 
 
 class RolloutGroup:
@@ -28,7 +29,8 @@ class RolloutGroup:
             args = [(model_path, cfg.model.dtype, engine, i, cfg.rollout.vllm_sleep) for i in range(n)]
         else:
             actor = ray.remote(RolloutWorker)
-            args = [(model_path, cfg.model.dtype, role_threads(n, cfg), device, cfg.rollout.backend)] * n
+            args = [(model_path, cfg.model.dtype, role_threads(n, cfg), device, cfg.rollout.backend,
+                     cfg.rollout.speculative.model_dump())] * n
         # Ray recreates a dead worker (max_restarts); call_all re-issues its unfinished request after the weights
         # owner gave it the current weights back (it restarts with the initial ones).
         self.workers = [actor.options(**placement.options("rollout", i), max_restarts=cfg.placement.max_restarts,
@@ -53,8 +55,8 @@ class RolloutGroup:
         version = weights.version if weights is not None else 0
         restore = weights.restore if weights is not None else None
         chunks = [prompts[a:b] for a, b in split_bounds(len(prompts), len(self.workers))]
-        calls = [(w, (c, params, seed * 1000 + i, version)) for i, (w, c) in enumerate(zip(self.workers, chunks))
-                 if c]
+        calls = [(w, (c, params, derive_seed(seed, "worker", index=i), version))
+                 for i, (w, c) in enumerate(zip(self.workers, chunks)) if c]
         return RolloutBatch.concat(call_all("rollout", "generate", calls, self.watchdog, self.max_restarts, restore))
 
     def nodes(self) -> list[dict]:

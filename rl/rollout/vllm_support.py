@@ -65,6 +65,16 @@ def request_seeds(seed: int, worker: int, num_prompts: int, n: int) -> list[list
     return [[request_seed(seed, worker, i, j) for j in range(n)] for i in range(num_prompts)]
 
 
+def request_sampling(params, seed: int, stop_ids: list[int]) -> dict:
+    """vllm.SamplingParams keyword arguments of one request (one sample): the rollout's sampling settings, its own
+    seed, and `stop_ids` (rl.rollout.stops.stop_token_ids: EOS and the chat template's end-of-turn token), which vLLM
+    would otherwise not stop at: it stops at the EOS of the model's generation_config only."""
+    return dict(n=1, max_tokens=params.max_new_tokens, seed=seed, logprobs=0 if params.logprobs else None,
+                temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else -1, repetition_penalty=1.0, min_p=0.0,
+                stop_token_ids=list(stop_ids))
+
+
 def finish_reason(reason: str | None, index: int) -> str:
     """vLLM's finish reason as the rollout batch records it. `stop` (EOS) and `length` (budget) map to themselves;
     `abort` / `error` (or an unfinished request) mean the sample is not a complete sample of the policy, and

@@ -23,7 +23,8 @@ import numpy as np
 
 from rl.contracts import RolloutBatch, StaleWeightsError
 from rl.rollout.worker import SamplingParams, _node_id
-from rl.rollout.vllm_support import check_api, finish_reason, request_seeds, weight_chunks
+from rl.rollout.stops import stop_token_ids
+from rl.rollout.vllm_support import check_api, finish_reason, request_sampling, request_seeds, weight_chunks
 
 
 class VllmRolloutWorker:
@@ -38,6 +39,9 @@ class VllmRolloutWorker:
 
         check_api(vllm)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # vLLM stops at the model's EOS (generation_config.json); the template's end-of-turn token is added per
+        # request (stop_token_ids), as in the transformers backends (rl.rollout.stops).
+        self.stop_ids = stop_token_ids(self.tokenizer)
         # engine_args: rl.rollout.vllm_support.engine_args(cfg) (dtype, memory share, extension, log-prob mode).
         args = {"dtype": dtype, **(engine_args or {})}
         self.llm = vllm.LLM(model=model_path, **args)
@@ -83,10 +87,7 @@ class VllmRolloutWorker:
         for ids, row in zip(prompt_ids, seeds):
             for sample_seed in row:  # the n samples of one prompt, contiguous like the transformers worker
                 requests.append({"prompt_token_ids": ids})
-                sampling.append(vllm.SamplingParams(
-                    n=1, max_tokens=params.max_new_tokens, seed=sample_seed, logprobs=0 if params.logprobs else None,
-                    temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
-                    top_k=params.top_k if params.top_k > 0 else -1, repetition_penalty=1.0, min_p=0.0))
+                sampling.append(vllm.SamplingParams(**request_sampling(params, sample_seed, self.stop_ids)))
         results = self.llm.generate(requests, sampling, use_tqdm=False)
         out = RolloutBatch()
         for i, (req, res) in enumerate(zip(requests, results)):

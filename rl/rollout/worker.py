@@ -3,8 +3,8 @@
 Returns, per sample, the prompt and response token ids, the log-prob of every sampled token under the distribution
 it was drawn from (the policy at the sampling temperature, truncated by top-k / top-p when those are set; measured
 from the generation logits as they are produced, so no second forward pass), the entropy of that distribution at
-each step (full-vocabulary without truncation), and why the response ended (`stop`: EOS generated, `length`: budget
-exhausted).
+each step (full-vocabulary without truncation), and why the response ended (`stop`: EOS or the chat template's
+end-of-turn token generated, rl.rollout.stops; `length`: budget exhausted).
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from rl.algo.core import entropy_from_logits, token_logprobs
+from rl.config.speculative import SpeculativeConfig
 from rl.learner.batch import expand_cache
 from rl.contracts import RolloutBatch, StaleWeightsError
 from rl.models import load_policy, load_tokenizer
+from rl.rollout.stops import stop_token_ids
 from rl.sync.transport import Endpoint
 
 
@@ -46,14 +48,22 @@ class RolloutWorker:
     """Holds an inference copy of the policy. Wrapped as a Ray actor by `rl.cluster.session`."""
 
     def __init__(self, model_path: str, dtype: str = "float32", num_threads: int | None = None, device: str = "cpu",
-                 backend: str = "transformers"):
+                 backend: str = "transformers", speculative: dict | SpeculativeConfig | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device, self.backend = device, backend
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge
+        self.stop_ids = stop_token_ids(self.tokenizer)  # EOS and the template's end-of-turn token
         self.model = load_policy(model_path, dtype, self.device).eval()
         self.weights_version = 0
+        # rollout.speculative (a dict through Ray), validated again so a bad one fails at start, not mid-run.
+        self.speculative = SpeculativeConfig.model_validate(speculative or {})
+        self.draft_model = None
+        if self.speculative.drafter == "model":
+            from rl.models import resolve_model
+
+            self.draft_model = load_policy(resolve_model(self.speculative.draft_model), dtype, self.device).eval()
 
     def ping(self) -> dict:
         return {"pid": os.getpid(), "node": _node_id(), "weights_version": self.weights_version}
@@ -103,6 +113,10 @@ class RolloutWorker:
         torch.manual_seed(seed)  # one seed per (step, worker): resumed runs sample the same tokens
         expanded = [p for p in prompts for _ in range(params.n)]
         out = RolloutBatch()
+        if self.speculative.enabled:  # both backends: rl/rollout/speculative.py decodes
+            for start in range(0, len(expanded), params.batch_size):
+                self._generate_speculative(expanded[start:start + params.batch_size], params, out)
+            return out
         if self.backend == "continuous":
             self._generate_continuous(expanded, params, seed, out)
             return out
@@ -138,7 +152,7 @@ class RolloutWorker:
         pages = params.batch_size * -(-(max(map(len, ids)) + params.max_new_tokens) // 256)
         cb = ContinuousBatchingConfig(return_logprobs=params.logprobs, seed=seed, num_blocks=pages,
                                       max_batch_tokens=max(256, params.batch_size * 8))
-        results = self.model.generate_batch(ids, generation_config=generation_config(params, tok),
+        results = self.model.generate_batch(ids, generation_config=generation_config(params, tok, stop_ids=self.stop_ids),
                                             continuous_batching_config=cb, progress_bar=False)
         done = [r for r in results.values() if r.error is None]  # transformers returns them in input order
         if len(done) != len(ids):  # it logs and drops failed requests; a rollout batch must be complete
@@ -146,6 +160,20 @@ class RolloutWorker:
         for res, prompt_ids in zip(done, ids):
             self._append(out, prompt_ids, list(res.generated_tokens), list(res.logprobs) if params.logprobs else [],
                          None)  # no entropies from the continuous-batching sampler
+
+    def _generate_speculative(self, prompts: list[str], params: SamplingParams, out: RolloutBatch) -> None:
+        """Speculative decoding (rl/rollout/speculative.py): finished sequences leave the batch, so the chunk's tail
+        runs at a small batch, where drafting pays most. Same log-probs and entropies as _generate_chunk."""
+        from rl.rollout.speculative import speculative_generate
+
+        tok = self.tokenizer
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        res, _ = speculative_generate(self.model, ids, params, self.speculative, self.stop_ids, pad,
+                                      draft_model=self.draft_model)
+        for prompt_ids, r in zip(ids, res):
+            self._append(out, prompt_ids, r["tokens"], r["logprobs"], torch.tensor(r["entropies"]),
+                         {k: r[k] for k in ("forwards", "drafted", "accepted")})
 
     def _generate_chunk(self, prompts: list[str], params: SamplingParams, out: RolloutBatch) -> None:
         tok = self.tokenizer
@@ -156,7 +184,8 @@ class RolloutWorker:
         # Order matters: StepStats reads the raw logits, the sampler replaces them by its pick.
         processors = ([stats] if params.logprobs else []) + ([CategoricalSampler(params)] if own_sampler else [])
         res = self.model.generate(**enc, past_key_values=self._shared_prompt_cache(prompts, enc, params.shared_prefix),
-                                  generation_config=generation_config(params, tok, greedy=own_sampler),
+                                  generation_config=generation_config(params, tok, greedy=own_sampler,
+                                                                     stop_ids=self.stop_ids),
                                   logits_processor=LogitsProcessorList(processors))
         prompt_len = enc["input_ids"].shape[1]
         new_tokens = res.sequences[:, prompt_len:]
@@ -167,13 +196,15 @@ class RolloutWorker:
             self._append(out, ids[i][mask[i]].tolist(), new_tokens[i].tolist(), lp[i].tolist(), ent[i])
 
     def _append(self, out: RolloutBatch, prompt_ids: list[int], row: list[int], logprobs: list[float],
-                entropies) -> None:
-        """One sample, cut after its first EOS (kept: it is a sampled action); `entropies` None: not measured."""
+                entropies, speculation: dict | None = None) -> None:
+        """One sample, cut after its first stop token (kept: it is a sampled action); `entropies` None: not
+        measured."""
         tok = self.tokenizer
-        stop = tok.eos_token_id in row
-        n = row.index(tok.eos_token_id) + 1 if stop else len(row)
+        end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+        stop = end is not None
+        n = end + 1 if stop else len(row)
         out.append(prompt_ids, row[:n], logprobs[:n], 0.0 if entropies is None else float(entropies[:n].sum()),
-                   "stop" if stop else "length", tok.decode(row[:n], skip_special_tokens=True))
+                   "stop" if stop else "length", tok.decode(row[:n], skip_special_tokens=True), speculation)
 
 
 class StepStats:
@@ -239,8 +270,9 @@ class CategoricalSampler:
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
-def generation_config(params: SamplingParams, tok, greedy: bool = False):
-    """Every field that shapes the sampling distribution, set explicitly; `greedy`: a logits processor samples.
+def generation_config(params: SamplingParams, tok, greedy: bool = False, stop_ids: list[int] | None = None):
+    """Every field that shapes the sampling distribution, set explicitly; `greedy`: a logits processor samples;
+    `stop_ids`: the ids that end a response (default the tokenizer's EOS; rl.rollout.stops adds end-of-turn).
 
     transformers fills fields left at None from the checkpoint's generation_config.json and then from global
     defaults (top_k=50!), which would sample from a truncated distribution while the log-probs describe the full
@@ -250,7 +282,7 @@ def generation_config(params: SamplingParams, tok, greedy: bool = False):
 
     sampling = dict(do_sample=False) if params.greedy or greedy else dict(
         do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    return GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=tok.eos_token_id,
+    return GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=stop_ids or tok.eos_token_id,
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, repetition_penalty=1.0,
                             no_repeat_ngram_size=0, typical_p=1.0, min_p=None,
                             return_dict_in_generate=True, **sampling)
