@@ -108,12 +108,12 @@ def item_learner(model: str, device: str, zero: int) -> tuple[str, dict]:
 
     from rl.config.schema import AlgorithmConfig, LearnerConfig
     from rl.contracts import TrainSequence
-    from rl.learner.engine import Engine
+    from rl.learner.engine import Engine, LearnerSetup
     from rl.learner.updates import plan_policy, run_update
 
     t0 = time.perf_counter()
     cfg = LearnerConfig(num_gpus_per_rank=1 if device == "cuda" else 0, zero_stage=zero, lr=1e-3, micro_batch_size=4)
-    engine = Engine(0, 1, cfg, AlgorithmConfig(), model, "bfloat16", 1.0, 0)
+    engine = Engine(0, 1, model, LearnerSetup(cfg, AlgorithmConfig(), "bfloat16"))
     engine.build("127.0.0.1", _free_port())
     before = engine.get_weights()
     g = torch.Generator().manual_seed(0)

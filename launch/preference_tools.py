@@ -20,6 +20,7 @@ from rl.data.preference import local_logps, preference_metrics, rollout_pairs, w
 from rl.data.prompts import eval_source, prepare_prompts, sampling_params
 from rl.scoring.score import score_configured
 from rl.steps.preference import read_pairs
+from rl.seeds import derive_seed
 
 log = logging.getLogger("reasonrl")
 
@@ -46,7 +47,7 @@ def build_preference_set(cfg: Config, out_dir: str, train_prompts: int, eval_pro
             rows = prepare_prompts(cfg, tokenizer, source, split)[0][:n]
             prompts = [r["prompt"] for r in rows]
             batch = groups[0].generate(prompts, sampling_params(cfg, n=G),
-                                       seed=cfg.trainer.seed * 100003 + (0 if name == "train" else 1))
+                                       seed=derive_seed(cfg.trainer.seed, "rollout", 0 if name == "train" else 1))
             correct = score_configured(groups[1], cfg, rows, batch, G).correct
             rng = np.random.default_rng([cfg.trainer.seed & (2**63 - 1), 0 if name == "train" else 1])
             pairs, counts = rollout_pairs(batch, correct, G, cfg.algorithm.todo, True, rng)

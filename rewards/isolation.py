@@ -77,6 +77,21 @@ class RewardResult:
     errors: list[str] = field(default_factory=list)  # first few failure messages, for logging
 
 
+def merge_results(parts: list[RewardResult]) -> RewardResult:
+    """Results of consecutive chunks of samples as one: scores concatenated in order, counts and seconds summed,
+    error messages kept in order."""
+    out = RewardResult()
+    for part in parts:
+        for name, vals in part.scores.items():
+            out.scores.setdefault(name, []).extend(vals)
+        for key in ("failures", "timeouts", "nones", "seconds"):
+            totals = getattr(out, key)
+            for name, v in getattr(part, key).items():
+                totals[name] = totals.get(name, 0) + v
+        out.errors.extend(part.errors)
+    return out
+
+
 def weighted_total(result: RewardResult, weights: dict[str, float] | None = None) -> list[float]:
     """Per-sample sum of ``weight * score`` over functions; a function missing from ``weights`` weighs 1.0."""
     weights = weights or {}

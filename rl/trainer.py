@@ -28,6 +28,7 @@ from rl.store.metrics import MetricsLogger, plot_curves
 from rl.models import load_tokenizer, resolve_model
 from rl.cluster.placement import ROLES, Placement, node_map
 from rl.data.prompts import sampling_params
+from rl.seeds import derive_seed
 from rl.steps import Run, Step, make_step
 from rl.sync.owner import WeightSync
 
@@ -113,9 +114,9 @@ def train(cfg: Config, resume: bool = False, step_callback=None, hooks=()) -> di
                 # What was read and skipped (JSONL: bad_lines names the first skipped line numbers).
                 metrics.log_event("data", {"step": start_step, **data_stats})
                 run = Run(cfg, out_dir, tokenizer, model_path, metrics, sampler, start_step, rollouts, rewards,
-                          learner, learner_version=start_step)
+                          learner)
                 if rollouts is not None and learner is not None:
-                    run.weights = WeightSync(cfg, rollouts, learner)
+                    run.weights = WeightSync(cfg, rollouts, learner, learner_version=start_step)
                 summary = {"start_step": start_step, "data": data_stats}
                 summary.update(run_loop(run, step_kind, eval_rows, hooks, step_callback, progress))
             if cfg.logging.plots:
@@ -193,7 +194,7 @@ def evaluate(run: Run, rows: list[dict], step: int) -> dict:
     """Held-out accuracy: one response per problem (greedy by default), scored by the training verifier."""
     cfg = run.cfg
     params = sampling_params(cfg, n=1, greedy=cfg.trainer.eval_greedy)
-    batch = run.generate([r["prompt"] for r in rows], params, seed=cfg.trainer.seed + 7919 * (step + 1))
+    batch = run.generate([r["prompt"] for r in rows], params, seed=derive_seed(cfg.trainer.seed, "held_out", step))
     scored = run.score(rows, batch, 1)
     correct, tokens = scored.correct, batch.tokens
     write_held_out_samples(run.out_dir, step, rows, batch, scored)

@@ -7,11 +7,31 @@ import math
 import pytest
 import torch
 
-from rl.algo.core import fgo_advantages, fgo_rewards, fgo_weight_spread, grpo_advantages
+from rl.algo.core import fgo_advantages, fgo_rewards, grpo_advantages
+from rl.algo.core import fgo_weight_spread as fixed_weight_spread
 from rl.algo.gdro import (BinBandit, DebiasedEma, GdroSampler, GdroState, bernoulli_variance, difficulty_bin,
                      sqrt_allocation)
-from rl.algo.groups import (fgo_advantages_grouped, fgo_weight_spread_grouped, group_index, grpo_advantages_grouped, worker_bounds,
-                       zero_advantage_groups_grouped)
+from rl.algo.advantages import fgo_weight_spread, per_group, zero_groups
+from rl.algo.groups import group_index, worker_bounds
+
+
+# Variable-size groups through the estimators' index grouping (rl/algo/advantages.py), in the sizes' terms.
+def grpo_advantages_grouped(r, sizes, scale_by_std=True):
+    return per_group(lambda x, G: grpo_advantages(x, G, scale_by_std=scale_by_std),
+                     torch.tensor(group_index(sizes)), r)
+
+
+def fgo_advantages_grouped(ok, L, H, sizes, alpha, beta, scale_by_std=False):
+    return per_group(lambda *c: fgo_advantages(*c, alpha, beta, scale_by_std=scale_by_std),
+                     torch.tensor(group_index(sizes)), ok, L, H)
+
+
+def fgo_weight_spread_grouped(R, ok, sizes):
+    return fgo_weight_spread(R, ok, torch.tensor(group_index(sizes)))
+
+
+def zero_advantage_groups_grouped(adv, sizes):
+    return zero_groups(adv, torch.tensor(group_index(sizes)))
 
 
 def test_debiased_pass_rate_like_adams_bias_correction():
@@ -163,7 +183,7 @@ def test_grouped_advantages_equal_the_fixed_size_functions():
         torch.rand(12, generator=g).double() + 0.1
     assert torch.equal(fgo_advantages_grouped(ok, L, H, [3] * 4, 0.5, 1.0), fgo_advantages(ok, L, H, 3, 0.5, 1.0))
     R = fgo_rewards(ok, L, H, 3, 0.5, 1.0)
-    assert fgo_weight_spread_grouped(R, ok, [3] * 4) == pytest.approx(fgo_weight_spread(R, ok, 3), abs=1e-15)
+    assert fgo_weight_spread_grouped(R, ok, [3] * 4) == pytest.approx(fixed_weight_spread(R, ok, 3), abs=1e-15)
     sizes = [5, 2, 5]
     got = fgo_advantages_grouped(ok, L, H, sizes, 0.5, 1.0, scale_by_std=True)
     want = torch.cat([fgo_advantages(ok[a:b], L[a:b], H[a:b], b - a, 0.5, 1.0, scale_by_std=True)

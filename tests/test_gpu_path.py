@@ -280,7 +280,7 @@ def test_zero3_broadcast_gathers_rank_0s_buckets_one_at_a_time():
     import torch
 
     from rl.config.schema import AlgorithmConfig, LearnerConfig
-    from rl.learner.engine import Engine
+    from rl.learner.engine import Engine, LearnerSetup
     from rl.sync.transport import Endpoint, bucket_plan
 
     params = [(f"p{i}", torch.nn.Parameter(torch.full((n,), float(i)))) for i, n in enumerate([8, 8, 40, 4, 4])]
@@ -288,7 +288,7 @@ def test_zero3_broadcast_gathers_rank_0s_buckets_one_at_a_time():
     seen, open_ = {}, []
 
     def engine(rank):
-        e = Engine(rank, 2, LearnerConfig(zero_stage=3), AlgorithmConfig(), "unused", "float32", 1.0, 0)
+        e = Engine(rank, 2, "unused", LearnerSetup(LearnerConfig(zero_stage=3), AlgorithmConfig()))
         e.policy = policy
 
         @contextlib.contextmanager
@@ -351,10 +351,10 @@ def test_nccl_group_gets_the_watchdog_timeout_and_groups_are_destroyed_on_rebuil
     assert pg.shut and ep.pg is None
 
     from rl.config.schema import AlgorithmConfig, LearnerConfig
-    from rl.learner.engine import Engine
+    from rl.learner.engine import Engine, LearnerSetup
 
     closed = []
-    e = Engine(0, 1, LearnerConfig(), AlgorithmConfig(), "unused", "float32", 1.0, 0)
+    e = Engine(0, 1, "unused", LearnerSetup(LearnerConfig(), AlgorithmConfig()))
     e._sync = types.SimpleNamespace(close=lambda: closed.append(True))
     monkeypatch.setattr(ws, "Endpoint", lambda *a: types.SimpleNamespace(close=lambda: None))
     e.join_weight_sync(0, "127.0.0.1", port, 2, "gloo", 64, 30.0, [])

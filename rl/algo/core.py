@@ -22,8 +22,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
 # exp() of log-ratios beyond this overflows or dominates everything; same bound as verl's k3.
 _LOG_RATIO_CLAMP = 20.0
 
@@ -110,6 +108,13 @@ def fgo_advantages(correct: Tensor, lengths: Tensor, entropies: Tensor, group_si
 def fgo_weight_spread(rewards: Tensor, correct: Tensor, group_size: int) -> float:
     """Mean over subgroups of >= 2 members of (max W - min W) * |S|: 0 when FGO weights are uniform, 1 when the
     largest weight exceeds the smallest by one uniform share. A diagnostic for how much FGO reshapes credit."""
+    spreads = fgo_subgroup_spreads(rewards, correct, group_size)
+    return float(spreads.mean()) if spreads.numel() else 0.0
+
+
+def fgo_subgroup_spreads(rewards: Tensor, correct: Tensor, group_size: int) -> Tensor:
+    """(max W - min W) * |S| of every subgroup of >= 2 members: the correct subgroups of all groups, then the
+    incorrect ones (float64)."""
     W = _groups(rewards.abs().double(), group_size)
     ok = _groups(correct.bool(), group_size)
     spreads = []
@@ -120,7 +125,7 @@ def fgo_weight_spread(rewards: Tensor, correct: Tensor, group_size: int) -> floa
             hi = torch.where(member, W, float("-inf")).max(dim=1).values
             lo = torch.where(member, W, float("inf")).min(dim=1).values
             spreads.append(((hi - lo) * n)[big])
-    return float(torch.cat(spreads).mean()) if spreads else 0.0
+    return torch.cat(spreads) if spreads else torch.zeros(0, dtype=torch.float64)
 
 
 def sampled_token_entropy(logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -280,13 +285,7 @@ def policy_loss(
     # Counts are clamped to >= 1 so an all-padding batch gives loss 0 instead of 0 / 0 = NaN.
     num_tokens, num_seqs = _at_least_one(num_tokens), _at_least_one(num_seqs)
     masked = torch.where(valid, per_token, torch.zeros_like(per_token))
-    if loss_agg == "token-mean":
-        loss = masked.sum() / num_tokens
-    elif loss_agg == "seq-mean-token-mean":
-        lengths = m.sum(dim=-1).clamp(min=1.0)  # each sequence's own length, whole sequence in this part
-        loss = (masked.sum(dim=-1) / lengths).sum() / num_seqs
-    else:  # seq-mean-token-sum-norm: constant denominator, no per-sequence length bias (Dr. GRPO)
-        loss = masked.sum() / (num_seqs * _at_least_one(max_len))
+    loss = LOSS_AGGREGATIONS[loss_agg](masked, m, num_tokens, num_seqs, max_len)
 
     with torch.no_grad():
         stats = {
@@ -296,6 +295,27 @@ def policy_loss(
             "tokens": m.sum(),
         }
     return loss, stats
+
+
+# Loss aggregations by name (algorithm.loss_agg): per-token losses (0 on padding) and the mask of one micro-batch,
+# and the whole batch's counts, to the micro-batch's share of the loss (docs/algorithms.md, "Loss aggregation").
+def _token_mean(masked: Tensor, mask: Tensor, num_tokens, num_seqs, max_len) -> Tensor:
+    return masked.sum() / num_tokens
+
+
+def _seq_mean_token_mean(masked: Tensor, mask: Tensor, num_tokens, num_seqs, max_len) -> Tensor:
+    lengths = mask.sum(dim=-1).clamp(min=1.0)  # each sequence's own length, whole sequence in this part
+    return (masked.sum(dim=-1) / lengths).sum() / num_seqs
+
+
+def _seq_mean_token_sum_norm(masked: Tensor, mask: Tensor, num_tokens, num_seqs, max_len) -> Tensor:
+    # A constant denominator: no per-sequence length bias (Dr. GRPO).
+    return masked.sum() / (num_seqs * _at_least_one(max_len))
+
+
+LOSS_AGGREGATIONS = {"token-mean": _token_mean, "seq-mean-token-mean": _seq_mean_token_mean,
+                     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm}
+LOSS_AGG_MODES = tuple(LOSS_AGGREGATIONS)
 
 
 def importance_log_weights(log_ratio: Tensor, logprobs: Tensor, mask: Tensor, level: str) -> Tensor:

@@ -1,9 +1,8 @@
-"""Variable-size groups and the DAPO dynamic-sampling selection, as pure functions (no Ray, no actors).
+"""Group layout and the DAPO dynamic-sampling selection, as pure functions (no Ray, no actors).
 
-rl/algo/core.py's advantage functions take one fixed group size G: the samples of group g are rows g*G..g*G+G-1.
-Rollout-GDRO (rl/algo/gdro.py) gives each prompt its own group size, so here a step's groups are described by their
-sizes (`sizes[g]` samples, contiguous, in order) and each group's advantages are computed by the fixed-size
-function on that group alone: a step whose groups all have size G gets exactly what the fixed-size call gives.
+Rollout-GDRO (rl/algo/gdro.py) gives each prompt its own group size, so a step's groups are described by their
+sizes (`sizes[g]` samples, contiguous, in order); `group_index` turns them into the index array (the group of every
+sample) that the advantage estimators group by (rl/algo/advantages.py).
 
 Dynamic sampling (DAPO, Yu et al. 2025, arXiv:2503.14476, section 3.2): a group whose rewards are all equal has zero
 advantage under GRPO and gives no gradient, so the step keeps drawing groups until it holds enough whose rewards
@@ -18,9 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
 
-from rl.algo.core import fgo_advantages, fgo_rewards, grpo_advantages
 from rl.learner.batch import split_bounds
 
 
@@ -60,53 +57,6 @@ def expand(values: Sequence, sizes: Sequence[int]) -> list:
 def uniform_size(sizes: Sequence[int]) -> int | None:
     """G when every group has size G, else None."""
     return sizes[0] if sizes and all(s == sizes[0] for s in sizes) else None
-
-
-# ------------------------------------------------------------------------------------ grouped advantages
-def grpo_advantages_grouped(rewards: Tensor, sizes: Sequence[int], scale_by_std: bool = True,
-                            eps: float = 1e-6) -> Tensor:
-    """grpo_advantages for groups of the given sizes: each group normalised by its own mean (and std)."""
-    sizes = check_sizes(sizes, rewards.numel())
-    G = uniform_size(sizes)
-    if G is not None:  # the fixed-size call, bit for bit
-        return grpo_advantages(rewards, G, scale_by_std=scale_by_std, eps=eps)
-    return torch.cat([grpo_advantages(rewards[a:b], b - a, scale_by_std=scale_by_std, eps=eps)
-                      for a, b in group_bounds(sizes)])
-
-
-def fgo_advantages_grouped(correct: Tensor, lengths: Tensor, entropies: Tensor, sizes: Sequence[int],
-                           alpha: float = 0.01, beta: float = 1.0, scale_by_std: bool = False) -> Tensor:
-    """fgo_advantages for groups of the given sizes (each group's subgroups and softmax weights are its own)."""
-    sizes = check_sizes(sizes, correct.numel())
-    G = uniform_size(sizes)
-    if G is not None:
-        return fgo_advantages(correct, lengths, entropies, G, alpha, beta, scale_by_std=scale_by_std)
-    return torch.cat([fgo_advantages(correct[a:b], lengths[a:b], entropies[a:b], b - a, alpha, beta,
-                                     scale_by_std=scale_by_std) for a, b in group_bounds(sizes)])
-
-
-def fgo_rewards_grouped(correct: Tensor, lengths: Tensor, entropies: Tensor, sizes: Sequence[int],
-                        alpha: float = 0.01, beta: float = 1.0) -> Tensor:
-    sizes = check_sizes(sizes, correct.numel())
-    return torch.cat([fgo_rewards(correct[a:b], lengths[a:b], entropies[a:b], b - a, alpha, beta)
-                      for a, b in group_bounds(sizes)])
-
-
-def fgo_weight_spread_grouped(rewards: Tensor, correct: Tensor, sizes: Sequence[int]) -> float:
-    """fgo_weight_spread over variable-size groups (mean over every subgroup of >= 2 members)."""
-    spreads = []
-    for a, b in group_bounds(sizes):
-        W, ok = rewards[a:b].abs().double(), correct[a:b].bool()
-        for member in (ok, ~ok):
-            n = int(member.sum())
-            if n >= 2:
-                spreads.append(float((W[member].max() - W[member].min()) * n))
-    return sum(spreads) / len(spreads) if spreads else 0.0
-
-
-def zero_advantage_groups_grouped(advantages: Tensor, sizes: Sequence[int], tol: float = 1e-8) -> Tensor:
-    """Bool per group: every advantage in it is ~0 (the group gives no gradient)."""
-    return torch.tensor([bool((advantages[a:b].abs() <= tol).all()) for a, b in group_bounds(sizes)])
 
 
 # ------------------------------------------------------------------------------- dynamic sampling (DAPO)
@@ -165,7 +115,5 @@ def summarize_selection(sel: Selection) -> dict:
             "ds_rounds": sel.rounds, "ds_capped": float(sel.capped)}
 
 
-__all__ = ["Selection", "check_sizes", "dynamic_sampling", "expand", "fgo_advantages_grouped",
-           "fgo_rewards_grouped", "fgo_weight_spread_grouped", "group_bounds", "group_index", "group_variances",
-           "grpo_advantages_grouped", "is_varying", "summarize_selection", "uniform_size", "worker_bounds",
-           "zero_advantage_groups_grouped"]
+__all__ = ["Selection", "check_sizes", "dynamic_sampling", "expand", "group_bounds", "group_index", "group_variances",
+           "is_varying", "summarize_selection", "uniform_size", "worker_bounds"]

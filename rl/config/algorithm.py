@@ -77,6 +77,9 @@ class AlgorithmConfig(Section):
     scale_by_std: Optional[bool] = Field(
         None, description="Divide group advantages by the group std. Default (null): true for grpo, false for fgo "
         "(the FGO poster's Dr.GRPO form; true is the released FGO code's form). false with grpo is Dr.GRPO.")
+    advantage: Optional[str] = Field(
+        None, description="grpo / fgo: the advantage estimator, by its registered name (rl/algo/advantages.py). "
+        "Default (null): the algorithm's own (`grpo`: group-normalised total reward; `fgo`: FGO's subgroup weights).")
     fgo: FGOConfig = Field(default_factory=FGOConfig, description="FGO parameters (used when name is fgo); FGO's "
                            "correct/incorrect split is the score of `reward.accuracy` (> 0.5 = correct).")
     todo: TodoConfig = Field(default_factory=TodoConfig, description="TODO/DPO parameters and preference data "

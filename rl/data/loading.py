@@ -125,6 +125,13 @@ def blank(value: Any) -> bool:
         (isinstance(value, str) and not value.strip())
 
 
+def as_text(value: Any) -> Any:
+    """A string field as a string. `datasets` reads a JSON column mixing chat lists and strings as JSON-encoded
+    values and decodes them, which turns the string "42" into the number 42: such a number was a plain-string
+    field. Anything else (a string, a message list) is returned as it is."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 @dataclass
 class JsonlRecords:
     """What `read_jsonl` kept: `records[i]` came from file line `lines[i]` (1-based); every record has every
@@ -195,7 +202,10 @@ def read_jsonl(source: str, required: tuple[str, ...] = (), required_if_present:
     return out
 
 
-def _load_dataset(source: str, split: str, config: str | None = None):
+def load_dataset(source: str, split: str, config: str | None = None):
+    """A .jsonl/.json/.parquet file or a `datasets` hub dataset (`split`, `config`) as a `datasets.Dataset`; None for
+    an empty file. Raises DataError naming the source if it is missing or unreadable. (JSONL files whose bad lines
+    should be skipped one by one go through `read_jsonl` instead.)"""
     import datasets
 
     fmt = _FILE_FORMATS.get(Path(source).suffix.lower())
@@ -258,7 +268,7 @@ def load_rows(source: str, split: str = "train", problem_key: str = "problem", a
                       "skipped_no_problem": s[f"skipped_no_{problem_key}"], "skipped_bad_json": s["skipped_bad_json"],
                       "bad_lines": s["bad_lines"]}
 
-    ds = _load_dataset(source, split, config)
+    ds = load_dataset(source, split, config)
     records: list[dict] = []
     if ds is not None:
         columns = list(ds.column_names)

@@ -17,7 +17,7 @@ import torch
 from rl.algo.core import dpo_losses, preference_correct, preference_margin, todo_losses
 from rl.learner.batch import pad_pairs, response_logprobs
 from rl.contracts import PreferencePair, RolloutBatch
-from rl.data.loading import MAX_BAD_LINES, DataError, _load_dataset, read_jsonl, render_prompt
+from rl.data.loading import MAX_BAD_LINES, DataError, as_text, blank, load_dataset, read_jsonl, render_prompt
 
 log = logging.getLogger("reasonrl")
 
@@ -27,14 +27,8 @@ PAIR_KINDS = ("preference", "shorter", "tie_correct", "tie_incorrect")
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _as_text(value):
-    # `datasets` reads a JSON column mixing chat lists and strings as JSON-encoded values and decodes them, which
-    # turns the string "42" into the number 42: such a number was a plain-string field.
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
 def _prompt_messages(prompt, system_prompt: str | None) -> list[dict] | None:
-    prompt = _as_text(prompt)
+    prompt = as_text(prompt)
     if isinstance(prompt, str):
         return ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
             [{"role": "user", "content": prompt}]
@@ -44,7 +38,7 @@ def _prompt_messages(prompt, system_prompt: str | None) -> list[dict] | None:
 
 
 def _response_messages(response) -> list[dict] | None:
-    response = _as_text(response)
+    response = as_text(response)
     if isinstance(response, str):
         return [{"role": "assistant", "content": response}]
     if isinstance(response, list) and response and all(isinstance(m, dict) and "content" in m for m in response):
@@ -63,7 +57,7 @@ def encode_pair(tokenizer, prompt, chosen, rejected, tie: bool,
     responses = [_response_messages(chosen), _response_messages(rejected)]
     if msgs is None or None in responses:
         return None
-    prompt, chosen, rejected = _as_text(prompt), _as_text(chosen), _as_text(rejected)
+    prompt, chosen, rejected = as_text(prompt), as_text(chosen), as_text(rejected)
     if getattr(tokenizer, "chat_template", None) is None:
         if not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
             return None
@@ -83,11 +77,6 @@ def encode_pair(tokenizer, prompt, chosen, rejected, tie: bool,
     return PreferencePair(enc(prompt_text), chosen_ids, rejected_ids, tie=bool(tie))
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, (str, list)) and len(value) == 0) or \
-        (isinstance(value, str) and not value.strip())
-
-
 def load_pairs(source: str, split: str, tokenizer, system_prompt: str | None = None,
                max_prompt_tokens: int | None = None, limit: int = 0) -> tuple[list[PreferencePair], dict]:
     """Encoded pairs from a .jsonl/.json/.parquet file or a hub dataset, and counts of what was skipped.
@@ -103,7 +92,7 @@ def load_pairs(source: str, split: str, tokenizer, system_prompt: str | None = N
         records, lines, has_tie = data.records, data.lines, "tie" in data.columns
         read, bad = data.stats["lines"], list(data.stats["bad_lines"])
     else:
-        ds = _load_dataset(source, split)
+        ds = load_dataset(source, split)
         records = ds.to_list() if ds is not None else []
         lines, has_tie = [None] * len(records), ds is not None and "tie" in ds.column_names
         read, bad = len(records), []
@@ -113,7 +102,7 @@ def load_pairs(source: str, split: str, tokenizer, system_prompt: str | None = N
         stats.update({k: v for k, v in data.stats.items() if k.startswith("skipped_")})
     pairs = []
     for line, record in zip(lines, records):
-        missing = [f for f in FIELDS if (f != "tie" or has_tie) and _missing(record.get(f))]
+        missing = [f for f in FIELDS if (f != "tie" or has_tie) and blank(record.get(f))]
         if missing:
             stats[f"skipped_no_{missing[0]}"] += 1
             continue

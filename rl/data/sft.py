@@ -19,7 +19,7 @@ import torch
 
 from rl.learner.batch import pack_pairs, pad_pairs, pad_values
 from rl.contracts import SftExample
-from rl.data.loading import DataError, _load_dataset, render_prompt
+from rl.data.loading import DataError, as_text, blank, load_dataset, render_prompt
 
 log = logging.getLogger("reasonrl")
 
@@ -27,17 +27,6 @@ SKIPS = ("no_prompt", "no_completion", "no_messages", "bad_format", "too_long")
 
 
 # --------------------------------------------------------------------------------------------- field checks
-def _as_text(value):
-    # `datasets` reads a JSON column mixing chat lists and strings as JSON-encoded values and decodes them, which
-    # turns the string "42" into the number 42: such a number was a plain-string field.
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, (str, list)) and len(value) == 0) or \
-        (isinstance(value, str) and not value.strip())
-
-
 def _messages(value) -> list[dict] | None:
     """A clean copy of a chat message list (role and string content each), or None if it is not one. Keys that
     Arrow filled with None (a key some other row's messages have) are dropped, so templates never see them."""
@@ -99,7 +88,7 @@ def encode_prompt_completion(tokenizer, prompt, completion, system_prompt: str |
                              suffix: str = "") -> SftExample | None:
     """One prompt-completion row (strings or message lists); None if unusable. The loss covers the completion's
     assistant turns (a tool or user message inside a completion list is context)."""
-    prompt, completion = _as_text(prompt), _as_text(completion)
+    prompt, completion = as_text(prompt), as_text(completion)
     if getattr(tokenizer, "chat_template", None) is None:  # no template: plain text, the completion ends with EOS
         if not (isinstance(prompt, str) and isinstance(completion, str)):
             return None
@@ -147,7 +136,7 @@ def load_examples(source: str, split: str, tokenizer, system_prompt: str | None 
     missing its field, with a wrong type, or with a prompt over `max_prompt_tokens` (a completion over
     `max_completion_tokens`, 0: no limit) is skipped and counted. Raises DataError naming the source if none is left.
     """
-    ds = _load_dataset(source, split)
+    ds = load_dataset(source, split)
     records = ds.to_list() if ds is not None else []
     columns = list(ds.column_names) if ds is not None else []
     if ds is not None and "messages" not in columns and not {"prompt", "completion"} & set(columns):
@@ -157,13 +146,13 @@ def load_examples(source: str, split: str, tokenizer, system_prompt: str | None 
              "prompt_completion": 0}
     examples = []
     for index, record in enumerate(records):
-        if "messages" in columns and not _missing(record.get("messages")):
+        if "messages" in columns and not blank(record.get("messages")):
             kind, ex = "conversational", encode_conversation(tokenizer, record["messages"], system_prompt)
         elif "messages" in columns and "prompt" not in columns and "completion" not in columns:
             stats["skipped_no_messages"] += 1
             continue
-        elif _missing(record.get("prompt")) or _missing(record.get("completion")):
-            stats["skipped_no_prompt" if _missing(record.get("prompt")) else "skipped_no_completion"] += 1
+        elif blank(record.get("prompt")) or blank(record.get("completion")):
+            stats["skipped_no_prompt" if blank(record.get("prompt")) else "skipped_no_completion"] += 1
             continue
         else:
             kind = "prompt_completion"

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 
-from rl.config.schema import AlgorithmConfig, LearnerConfig
+from rl.config.schema import AlgorithmConfig, Config, LearnerConfig
 from rl.models import load_policy, load_tokenizer
 from rl.sync.transport import bucket_plan, new_store
 
@@ -97,19 +98,37 @@ def _weights_only_loads(engine) -> None:
     engine.checkpoint_engine.load = weights_only_load
 
 
+@dataclass(frozen=True)
+class LearnerSetup:
+    """What a learner rank is built from: the run config's learner and algorithm sections, the model's dtype, the
+    seed, and the rollout's sampling distribution (temperature, top-k / top-p truncation), which the learner's
+    log-probs must describe. Built once on the driver (`of`) and handed to every rank as it is."""
+    learner: LearnerConfig
+    algorithm: AlgorithmConfig
+    dtype: str = "float32"
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: Config) -> "LearnerSetup":
+        r = cfg.rollout
+        return cls(cfg.learner, cfg.algorithm, cfg.model.dtype, cfg.trainer.seed, r.temperature, r.top_k, r.top_p)
+
+
 class Engine:
     """The policy under DeepSpeed on one rank, its frozen reference when the algorithm needs one, and the tokenizer.
 
     Attributes an update uses (after `build`): `policy` (the DeepSpeed engine; call it like the model), `ref`
-    (a plain eval-mode model, or None), `device`, `pad_id`, `cfg`, `algo`, `temperature`, `world_size`.
+    (a plain eval-mode model, or None), `device`, `pad_id`, `cfg` (learner section), `algo` (algorithm section),
+    `temperature`, `top_k`, `top_p`, `world_size`.
     """
 
-    def __init__(self, rank: int, world_size: int, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str,
-                 dtype: str, temperature: float, seed: int, top_k: int = 0, top_p: float = 1.0):
-        self.rank, self.world_size, self.cfg, self.algo = rank, world_size, cfg, algo
-        self.model_path, self.dtype, self.temperature, self.seed = model_path, dtype, temperature, seed
-        # The rollout's truncation: the learner's log-probs describe the distribution that was sampled.
-        self.top_k, self.top_p = top_k, top_p
+    def __init__(self, rank: int, world_size: int, model_path: str, setup: LearnerSetup):
+        self.rank, self.world_size, self.model_path = rank, world_size, model_path
+        self.cfg, self.algo, self.dtype, self.seed = setup.learner, setup.algorithm, setup.dtype, setup.seed
+        self.temperature, self.top_k, self.top_p = setup.temperature, setup.top_k, setup.top_p
         self.policy = self.ref = self.tokenizer = self._sync = None
         self.device = torch.device("cpu")
 

@@ -11,6 +11,7 @@ from rl.cluster.watchdog import call_all
 from rl.config.schema import Config
 from rl.contracts import PreferencePair, TrainSequence
 from rl.learner import updates
+from rl.learner.engine import LearnerSetup
 from rl.learner.rank import LearnerRank
 
 
@@ -19,11 +20,9 @@ class LearnerGroup:
         n = cfg.learner.num_ranks
         placement = own_placement(self, cfg, "learner", placement)
         # A dead rank is never recreated: its DeepSpeed group is gone. The run stops; --resume continues it.
-        actor = ray.remote(LearnerRank)
+        actor, setup = ray.remote(LearnerRank), LearnerSetup.of(cfg)
         self.ranks = [actor.options(**placement.options("learner", r), max_restarts=0).remote(
-            r, n, model_path, cfg.learner.model_dump(), cfg.algorithm.model_dump(), cfg.model.dtype,
-            cfg.rollout.temperature, cfg.trainer.seed, role_threads(n, cfg), cfg.rollout.top_k, cfg.rollout.top_p)
-            for r in range(n)]
+            r, n, model_path, setup, role_threads(n, cfg)) for r in range(n)]
         self.watchdog = cfg.trainer.watchdog_seconds
         try:
             # All ranks on one node: their group's rendezvous listens on loopback only.

@@ -13,22 +13,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from rl.config.schema import AlgorithmConfig, LearnerConfig
-from rl.learner.engine import Engine
+from rl.learner.engine import Engine, LearnerSetup
 from rl.learner.updates import run_query, run_update
 from rl.sync.transport import LOOPBACK
 
 
 class LearnerRank:
-    def __init__(self, rank: int, world_size: int, model_path: str, learner: dict, algorithm: dict,
-                 dtype: str, temperature: float, seed: int, num_threads: int | None = None, top_k: int = 0,
-                 top_p: float = 1.0):
+    def __init__(self, rank: int, world_size: int, model_path: str, setup: LearnerSetup,
+                 num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.rank, self.world_size = rank, world_size
-        # Plain dicts cross Ray; the configs are rebuilt here (validated again, defaults resolved as on the driver).
-        self.engine = Engine(rank, world_size, LearnerConfig(**learner), AlgorithmConfig(**algorithm), model_path,
-                             dtype, temperature, seed, top_k=top_k, top_p=top_p)
+        self.engine = Engine(rank, world_size, model_path, setup)
 
     def address(self, loopback: bool = False) -> tuple[str, int]:
         """Rank 0's address for a rendezvous and a port free on it: loopback when every member runs on this node

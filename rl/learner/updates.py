@@ -173,10 +173,8 @@ def _micro(engine, seqs: list[TrainSequence]) -> dict:
 
 
 def _logprobs(engine, model, batch: dict) -> torch.Tensor:
-    """Response log-probs under the distribution the rollout sampled: its temperature and top-k / top-p (an engine
-    without them, e.g. a test's stand-in, samples untruncated)."""
-    return response_logprobs(model, batch, engine.temperature, getattr(engine, "top_k", 0),
-                             getattr(engine, "top_p", 1.0))
+    """Response log-probs under the distribution the rollout sampled: its temperature and top-k / top-p."""
+    return response_logprobs(model, batch, engine.temperature, engine.top_k, engine.top_p)
 
 
 @torch.no_grad()
@@ -203,7 +201,7 @@ def policy_update(engine, shard: list[TrainSequence], plan: PolicyPlan) -> dict:
     on_policy = plan.on_policy and algo.num_iterations == 1 and mini_batches == 1
     # Truncated IS (algorithm.tis_cap) where pi_old is the learner's own: the tokens came from pi_rollout. Where pi_old
     # is the rollout's log-probs, the PPO ratio already weighs by pi_theta / pi_rollout.
-    tis_cap = getattr(algo, "tis_cap", None) if on_policy else None
+    tis_cap = algo.tis_cap if on_policy else None
     if engine.ref is not None:
         _attach_ref_logprobs(engine, shard)
     totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0,
@@ -227,7 +225,7 @@ def policy_update(engine, shard: list[TrainSequence], plan: PolicyPlan) -> dict:
                     clip_low=algo.clip_low, clip_high=algo.clip_high, loss_agg=algo.loss_agg,
                     num_tokens=plan.num_tokens[mb], num_seqs=plan.num_seqs[mb], max_len=plan.max_len,
                     ref_logprobs=batch.get("ref_logprobs"), kl_coef=algo.kl_coef, token_weights=tis,
-                    importance_sampling_level=getattr(algo, "importance_sampling_level", "token"))
+                    importance_sampling_level=algo.importance_sampling_level)
                 engine.backward(loss * weight)
                 totals["loss"] += float(loss.detach()) * weight
                 for k in ("clipped_tokens", "kl_sum", "ratio_sum", "tokens"):

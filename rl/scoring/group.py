@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ray
 
-from rewards.isolation import RewardResult
+from rewards.isolation import RewardResult, merge_results
 from rl.cluster.placement import Placement
 from rl.cluster.session import own_placement, role_threads, shutdown
 from rl.cluster.watchdog import call_all
@@ -38,17 +38,9 @@ class RewardGroup:
             bounds = [(a * group_size, b * group_size) for a, b in split_bounds(n // group_size, len(self.workers))]
         calls = [(w, (prompts[a:b], completions[a:b], {k: v[a:b] for k, v in columns.items()}))
                  for w, (a, b) in zip(self.workers, bounds) if b > a]
-        merged = RewardResult()
         # A reward worker Ray recreated gets its chunk again (rewards are stateless); a hung one trips the watchdog.
-        for part in call_all("reward", "score", calls, self.watchdog, self.max_restarts):
-            for name, vals in part["scores"].items():
-                merged.scores.setdefault(name, []).extend(vals)
-            for key in ("failures", "timeouts", "nones", "seconds"):
-                totals = getattr(merged, key)
-                for name, v in part[key].items():
-                    totals[name] = totals.get(name, 0) + v
-            merged.errors.extend(part["errors"])
-        return merged
+        parts = call_all("reward", "score", calls, self.watchdog, self.max_restarts)
+        return merge_results([RewardResult(**part) for part in parts])
 
     def nodes(self) -> list[dict]:
         return ray.get([w.ping.remote() for w in self.workers])

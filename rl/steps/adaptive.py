@@ -17,19 +17,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
-from rewards.isolation import RewardResult
-from rl.algo.core import zero_advantage_groups
+from rewards.isolation import RewardResult, merge_results
 from rl.contracts import RolloutBatch
 from rl.algo.gdro import GdroSampler, GdroState, sqrt_allocation
-from rl.algo.groups import (Selection, dynamic_sampling, expand, fgo_advantages_grouped, fgo_rewards_grouped,
-                       fgo_weight_spread_grouped, group_bounds, group_variances, grpo_advantages_grouped,
-                       summarize_selection, uniform_size, zero_advantage_groups_grouped)
+from rl.algo.groups import (Selection, dynamic_sampling, expand, group_bounds, group_variances, summarize_selection,
+                            uniform_size)
 from rl.data.prompts import sampling_params
 from rl.scoring.score import ScoredBatch
+from rl.seeds import derive_seed
 from rl.steps.base import Run
-from rl.steps.policy import PolicyGradientStep, compute_advantages, fgo_entropies
+from rl.steps.policy import PolicyGradientStep, advantages
 
 
 @dataclass
@@ -67,39 +64,8 @@ def take_scored(scored: ScoredBatch, idx: list[int]) -> ScoredBatch:
 
 
 def concat_scored(parts: list[ScoredBatch]) -> ScoredBatch:
-    out = RewardResult()
-    for p in parts:
-        for name, vals in p.result.scores.items():
-            out.scores.setdefault(name, []).extend(vals)
-        for key in ("failures", "timeouts", "nones", "seconds"):
-            totals = getattr(out, key)
-            for name, v in getattr(p.result, key).items():
-                totals[name] = totals.get(name, 0) + v
-        out.errors.extend(p.result.errors)
-    return ScoredBatch([x for p in parts for x in p.total], [x for p in parts for x in p.correct], out)
-
-
-def grouped_advantages(cfg, scored: ScoredBatch, batch: RolloutBatch, sizes: list[int]) -> tuple[torch.Tensor, dict]:
-    """compute_advantages (rl/steps/policy.py) for groups of any sizes, with `zero_adv_groups` in the stats."""
-    G = cfg.rollout.group_size
-    if uniform_size(sizes) == G:  # the fixed-size path, exactly
-        adv, stats = compute_advantages(cfg, scored, batch)
-        return adv, {**stats, "zero_adv_groups": float(zero_advantage_groups(adv, G).float().mean())}
-    a = cfg.algorithm
-    if a.name == "grpo":
-        adv, stats = grpo_advantages_grouped(torch.tensor(scored.total), sizes, scale_by_std=a.scale_by_std), {}
-    else:
-        ok = torch.tensor(scored.correct) > 0.5
-        lengths = torch.tensor(batch.tokens, dtype=torch.float64)
-        entropies = fgo_entropies(batch, a.fgo.entropy)
-        adv = fgo_advantages_grouped(ok, lengths, entropies, sizes, a.fgo.alpha, a.fgo.beta,
-                                     scale_by_std=a.scale_by_std)
-        weights = fgo_rewards_grouped(ok, lengths, entropies, sizes, a.fgo.alpha, a.fgo.beta)
-        grpo_zero = zero_advantage_groups_grouped(grpo_advantages_grouped(ok.float(), sizes), sizes).float().mean()
-        stats = {"fgo_entropy": float(entropies.mean()), "zero_adv_groups_grpo": float(grpo_zero),
-                 "fgo_weight_spread": fgo_weight_spread_grouped(weights, ok, sizes)}
-    stats["zero_adv_groups"] = float(zero_advantage_groups_grouped(adv, sizes).float().mean())
-    return adv, stats
+    return ScoredBatch([x for p in parts for x in p.total], [x for p in parts for x in p.correct],
+                       merge_results([p.result for p in parts]))
 
 
 class AdaptivePolicyStep(PolicyGradientStep):
@@ -134,7 +100,7 @@ class AdaptivePolicyStep(PolicyGradientStep):
         sizes = self.sizes(rows)
         t0 = time.perf_counter()
         # Round 0 uses the seed an unadapted step would (rl/steps/pipeline.py); each extra round its own.
-        seed = self.cfg.trainer.seed * 100003 + step + 1_000_003 * index
+        seed = derive_seed(self.cfg.trainer.seed, "rollout", step, index)
         G = uniform_size(sizes)
         prompts = [r["prompt"] for r in rows]
         if G is not None:
@@ -176,8 +142,8 @@ class AdaptivePolicyStep(PolicyGradientStep):
         self.drawn = None
         # Nothing varied even at the cap: the metrics describe what was drawn, and no update is made.
         trained = drawn.take(selection.kept) if selection.kept else drawn
-        advantages, algo_stats = grouped_advantages(self.cfg, trained.scored, trained.batch, trained.sizes)
-        row = self.update(run, step, trained.rows, trained.batch, trained.scored, advantages, algo_stats, 0,
+        adv, algo_stats = advantages(self.cfg, trained.scored, trained.batch, trained.sizes)
+        row = self.update(run, step, trained.rows, trained.batch, trained.scored, adv, algo_stats, 0,
                           train=bool(selection.kept), time_generate=sum(drawn.time_generate),
                           time_reward=sum(drawn.time_reward))
         self.observe(drawn)
@@ -237,4 +203,4 @@ def policy_step(cfg) -> PolicyGradientStep:
     return PolicyGradientStep(cfg)
 
 
-__all__ = ["AdaptivePolicyStep", "Drawn", "grouped_advantages", "policy_step"]
+__all__ = ["AdaptivePolicyStep", "Drawn", "policy_step"]

@@ -35,17 +35,17 @@ class Run:
     rollouts: object = None  # rl.rollout.group.RolloutGroup
     rewards: object = None  # rl.scoring.group.RewardGroup
     learner: object = None  # rl.learner.group.LearnerGroup
-    weights: object = None  # rl.sync.owner.WeightSync: the only owner of what the rollout workers hold
-    learner_version: int = 0  # the step whose update the learner holds
+    weights: object = None  # rl.sync.owner.WeightSync: the one owner of the weight version
 
     def updated(self, step: int) -> None:
-        """Record that the learner now holds step `step`'s update."""
-        self.learner_version = step
+        """Record that the learner now holds step `step`'s update (nothing to record without rollout workers)."""
+        if self.weights is not None:
+            self.weights.updated(step)
 
     def sync(self) -> None:
         """Bring the rollout workers to the learner's weights, if they are behind."""
-        if self.weights is not None and self.weights.version != self.learner_version:
-            self.weights.push(self.learner_version)
+        if self.weights is not None:
+            self.weights.sync()
 
     def generate(self, prompts: list[str], params, seed: int) -> RolloutBatch:
         return self.rollouts.generate(prompts, params, seed, weights=self.weights)

@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from rl.contracts import RolloutBatch
 from rl.data.prompts import sampling_params
+from rl.seeds import derive_seed
 
 
 class RolloutPipeline:
@@ -54,4 +55,5 @@ class RolloutPipeline:
 
     def _generate(self, step: int, rows: list[dict]) -> RolloutBatch:
         params = sampling_params(self.cfg, n=self.cfg.rollout.group_size)
-        return self.run.generate([r["prompt"] for r in rows], params, seed=self.cfg.trainer.seed * 100003 + step)
+        return self.run.generate([r["prompt"] for r in rows], params,
+                                 seed=derive_seed(self.cfg.trainer.seed, "rollout", step))

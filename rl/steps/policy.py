@@ -1,8 +1,9 @@
 """GRPO and FGO: rollout -> rewards -> advantages -> clipped policy-gradient update -> weight sync.
 
-The two differ only in the advantages (rl.algo.core): GRPO normalises the weighted total reward within each group
-(Shao et al. 2024, DeepSeekMath); FGO splits each group by correctness and reweights inside each subgroup by length
-and entropy, so all-correct and all-wrong groups still teach (docs/algorithms.md, "FGO").
+The two differ only in their advantage estimator (rl/algo/advantages.py, a registry by name): GRPO normalises the
+weighted total reward within each group (Shao et al. 2024, DeepSeekMath); FGO splits each group by correctness and
+reweights inside each subgroup by length and entropy, so all-correct and all-wrong groups still teach
+(docs/algorithms.md, "FGO").
 """
 from __future__ import annotations
 
@@ -10,42 +11,21 @@ import time
 
 import torch
 
-from rl.algo.core import (fgo_advantages, fgo_rewards, fgo_weight_spread, grpo_advantages, sampled_token_entropy,
-                           zero_advantage_groups)
-from rl.learner.batch import pad_values
+from rl.algo.advantages import ADVANTAGES, Samples, compute_advantages, estimator_name
+from rl.algo.groups import group_index
+from rl.config.base import ConfigError
 from rl.contracts import RolloutBatch, TrainSequence
 from rl.steps.pipeline import RolloutPipeline
 from rl.scoring.score import ScoredBatch
 from rl.steps.base import Run, Step, log_rollout_events, rollout_metrics
 
 
-def compute_advantages(cfg, scored: ScoredBatch, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
-    """Per-sample advantages for the configured algorithm, plus its diagnostics for the step's metrics.
-
-    grpo: from the weighted total reward. fgo: from correctness (`reward.accuracy`) reweighted by length and entropy
-    inside each correct / incorrect subgroup; the other reward terms do not enter.
-    """
-    a, G = cfg.algorithm, cfg.rollout.group_size
-    if a.name == "grpo":
-        return grpo_advantages(torch.tensor(scored.total), G, scale_by_std=a.scale_by_std), {}
-    ok = torch.tensor(scored.correct) > 0.5
-    lengths = torch.tensor(batch.tokens, dtype=torch.float64)
-    entropies = fgo_entropies(batch, a.fgo.entropy)
-    adv = fgo_advantages(ok, lengths, entropies, G, a.fgo.alpha, a.fgo.beta, scale_by_std=a.scale_by_std)
-    weights = fgo_rewards(ok, lengths, entropies, G, a.fgo.alpha, a.fgo.beta)
-    # What GRPO would have wasted on the very same rollouts: groups whose +-1 rewards are all equal.
-    grpo_zero = zero_advantage_groups(grpo_advantages(ok.float(), G), G).float().mean()
-    return adv, {"fgo_entropy": float(entropies.mean()), "fgo_weight_spread": fgo_weight_spread(weights, ok, G),
-                 "zero_adv_groups_grpo": float(grpo_zero)}
-
-
-def fgo_entropies(batch: RolloutBatch, kind: str) -> torch.Tensor:
-    """H_i per response from what the rollout measured at generation time (no second forward pass)."""
-    if kind == "mean_token_entropy":
-        return torch.tensor([s / max(1, n) for s, n in zip(batch.entropy_sum, batch.tokens)], dtype=torch.float64)
-    lp = batch.logprobs
-    width = max(1, max(len(x) for x in lp))
-    return sampled_token_entropy(pad_values(lp, width).double(), pad_values([[1.0] * len(x) for x in lp], width))
+def advantages(cfg, scored: ScoredBatch, batch: RolloutBatch, sizes: list[int]) -> tuple[torch.Tensor, dict]:
+    """Per-sample advantages of the configured estimator (rl/algo/advantages.py) over groups of the given sizes
+    (contiguous, in order), plus its diagnostics and `zero_adv_groups` for the step's metrics."""
+    samples = Samples.build(group_index(sizes), scored.total, scored.correct, batch.response_ids, batch.logprobs,
+                            batch.entropy_sum)
+    return compute_advantages(samples, cfg.algorithm)
 
 
 # The learner statistics of a step that trained on nothing (rl.learner.updates.policy_update's keys).
@@ -55,6 +35,12 @@ NO_UPDATE = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0
 
 
 class PolicyGradientStep(Step):
+    def check(self, tokenizer) -> None:
+        name = estimator_name(self.cfg.algorithm)
+        if name not in ADVANTAGES:
+            raise ConfigError(f"config key 'algorithm.advantage': no advantage estimator {name!r} "
+                              f"(known: {', '.join(sorted(ADVANTAGES))})")
+
     def start(self, run: Run) -> dict:
         self.pipeline = RolloutPipeline(run, self.per_step)
         return {}
@@ -69,10 +55,9 @@ class PolicyGradientStep(Step):
         self.pipeline.start_next(step + 1)  # max_staleness 1: the next rollout runs while this step trains
         t1 = time.perf_counter()
         scored = run.score(rows, batch, G)
-        advantages, algo_stats = compute_advantages(cfg, scored, batch)
-        algo_stats["zero_adv_groups"] = float(zero_advantage_groups(advantages, G).float().mean())
+        adv, algo_stats = advantages(cfg, scored, batch, [G] * len(rows))
         t2 = time.perf_counter()
-        return self.update(run, step, rows, batch, scored, advantages, algo_stats, staleness,
+        return self.update(run, step, rows, batch, scored, adv, algo_stats, staleness,
                            time_generate=t1 - t0, time_reward=t2 - t1)
 
     def update(self, run: Run, step: int, rows: list[dict], batch: RolloutBatch, scored: ScoredBatch,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rl.config.schema import ConfigError
 from rl.contracts import SftExample
-from rl.data.loading import DataError, _load_dataset
+from rl.data.loading import DataError, load_dataset
 from rl.data.sft import load_examples
 from rl.steps.base import Run, Step
 from rl.learner.updates import plan_sft, reduce_sft, reduce_sft_loss
@@ -22,7 +22,7 @@ _FILES = (".jsonl", ".json", ".parquet")
 
 
 def _columns(source: str, split: str) -> list[str]:
-    ds = _load_dataset(source, split)
+    ds = load_dataset(source, split)
     return list(ds.column_names) if ds is not None else []
 
 
@@ -68,7 +68,7 @@ class SftStep(Step):
 
     def items(self, tokenizer) -> tuple[list, dict]:
         d = self.cfg.data  # data.train_limit: the first N usable rows, as for RL prompts
-        return self._load(tokenizer, d.train, d.train_split, getattr(d, "train_limit", None) or 0)
+        return self._load(tokenizer, d.train, d.train_split, d.train_limit or 0)
 
     @property
     def per_step(self) -> int:

@@ -23,10 +23,14 @@ log = logging.getLogger("reasonrl")
 
 
 class WeightSync:
-    def __init__(self, cfg, rollouts, learner):
+    """The run's one weight version: `learner_version` is the step whose update the learner holds, `version` what
+    every rollout worker holds (and must hold when it generates); `sync` brings the second to the first."""
+
+    def __init__(self, cfg, rollouts, learner, learner_version: int = 0):
         self.cfg, self.rollouts, self.learner = cfg, rollouts, learner
         self.mode = cfg.weight_sync.mode
-        self.version = 0  # what every rollout worker must hold when it generates
+        self.version = 0  # the workers start from the model folder; a resumed run's first sync refills them
+        self.learner_version = learner_version
         self.restarts = 0  # recreated rollout workers refilled so far
         # One step off-policy the learner trains on while the workers generate, so a recreated worker cannot fetch
         # the synced version from it: the object-store ref of that version is kept (pinned) until the next sync.
@@ -39,6 +43,15 @@ class WeightSync:
         self.timeout_s = float(cfg.trainer.watchdog_seconds or 1800.0)
 
     # ------------------------------------------------------------------------------------------ pushing
+    def updated(self, step: int) -> None:
+        """The learner now holds step `step`'s update."""
+        self.learner_version = step
+
+    def sync(self) -> None:
+        """Bring the rollout workers to the learner's weights, if they are behind."""
+        if self.version != self.learner_version:
+            self.push(self.learner_version)
+
     def push(self, version: int) -> None:
         """The learner's current weights into every rollout worker; afterwards they hold `version`."""
         if self.mode == "object_store":
