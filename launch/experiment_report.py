@@ -18,6 +18,7 @@ import numpy as np
 
 from eval.budget import accuracy_at_budget
 from eval.stats import bootstrap_ci, paired_difference_ci, paired_ratio_ci
+from launch.experiment_steps import markdown_steps, redundancy_curves, steps_report
 from rl.config.schema import Config
 from rl.store.metrics import EVENTS_FILE, METRICS_FILE, read_metrics
 
@@ -161,11 +162,13 @@ def frontier_curves(results: list[dict], reference: str) -> tuple[int, dict[str,
 
 def build_report(runs: Iterable[tuple[str, Config]]) -> dict:
     """Everything results.json holds (plus private `_` keys on the runs, for the tables and figures)."""
+    runs = list(runs)
     results = [summarize_run(method, cfg) for method, cfg in runs]
     reference = compare_to_reference(results)
     budget, curves = frontier_curves(results, reference)
     return {"reference": reference, "seeds": _unique(r["seed"] for r in results), "runs": results,
-            "pooled": pool(results, reference), "budget": budget, "accuracy_at_budget": curves}
+            "pooled": pool(results, reference), "budget": budget, "accuracy_at_budget": curves,
+            "steps": steps_report(runs), "redundancy_curves": redundancy_curves(runs)}
 
 
 def write_report(report: dict, out: Path, command: str) -> str:
@@ -179,6 +182,8 @@ def write_report(report: dict, out: Path, command: str) -> str:
     (out / "results.json").write_text(json.dumps(public, indent=1))
     plot(report["runs"], out / "compression.png")
     plot_frontier(report["accuracy_at_budget"], "held-out (end of training)", out / "accuracy_at_budget.png")
+    if report.get("redundancy_curves"):
+        plot_curves(report["redundancy_curves"], out / "redundancy_curves.png")
     return table
 
 
@@ -233,7 +238,7 @@ def markdown_report(report: dict, command: str) -> str:
               f"it finished within B and is correct), seeds pooled; B up to {report['budget']}."]
     for seed in seeds:
         lines.append(_start_check([r for r in results if r["seed"] == seed], seed if len(seeds) > 1 else None))
-    return "\n".join(x for x in lines if x is not None) + "\n"
+    return "\n".join(x for x in lines if x is not None) + "\n" + markdown_steps(report.get("steps"))
 
 
 def _start_check(results: list[dict], seed: int | None) -> str | None:
@@ -278,6 +283,25 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, window: int = 10) -> None:
+    """Redundancy rate of the training samples per step, one line per method (seeds averaged), a moving mean of
+    `window` steps."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    ax = fig.subplots()
+    for method, points in curves.items():
+        steps, ys = zip(*points)
+        smooth = np.convolve(ys, np.ones(min(window, len(ys))) / min(window, len(ys)), mode="valid")
+        ax.plot(steps[len(steps) - len(smooth):], smooth, label=method)
+    ax.set_xlabel("step")
+    ax.set_title(f"training samples' redundancy rate (moving mean of {window} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png")
 

@@ -134,3 +134,24 @@ def test_entropy_definitions_on_a_known_distribution():
     assert mean_token_entropy(ent, mask).tolist() == pytest.approx([math.log(8), math.log(2)], rel=1e-5)
     # the sampled-token proxy grows with length, the mean does not (why the spec calls it an ablation)
     assert sampled_token_entropy(lp[:1, :1], mask[:1, :1]) < sampled_token_entropy(lp[:1], mask[:1])
+
+
+def test_correct_only_weighting_leaves_wrong_answers_equal_and_the_correct_ones_as_published():
+    """fgo.weighted_subgroups: correct — the incorrect subgroup's rewards become -1/n whatever their lengths and
+    entropies (no push toward longer wrong answers); the correct subgroup's are the published ones."""
+    import torch
+
+    correct = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0])
+    lengths = torch.tensor([50., 80., 120., 40., 90., 150., 60., 200.])
+    entropies = lengths * 0.1  # the summed proxy grows with length
+    both = fgo_rewards(correct, lengths, entropies, 8)
+    only = fgo_rewards(correct, lengths, entropies, 8, uniform_wrong=True)
+    assert torch.equal(only[:3], both[:3]) and only[0] > only[1] > only[2] > 0
+    assert torch.allclose(only[3:], torch.full((5,), -0.2, dtype=only.dtype))
+    # Published: the longest wrong answer gets the least negative reward (the lengthening push).
+    assert both[3:].argmax() == 4 and not torch.allclose(both[3:], only[3:])
+    adv = fgo_advantages(correct, lengths, entropies, 8, scale_by_std=True, uniform_wrong=True)
+    assert torch.allclose(adv[3:], adv[3:].mean().expand(5)) and adv[0] > adv[1] > adv[2]
+    # An all-wrong group then carries no signal at all, as under GRPO.
+    assert torch.equal(fgo_advantages(torch.zeros(8), lengths, entropies, 8, scale_by_std=True, uniform_wrong=True),
+                       torch.zeros(8))

@@ -159,3 +159,66 @@ def test_two_rl_steps_of_a_testbed2_config_from_a_tiny_reasoner(testbed2, tmp_pa
     assert [r["step"] for r in steps] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in steps)
     assert (tmp_path / "run" / "checkpoint-final" / "tokenizer.json").is_file()
+
+
+def _solution(a, op, b, kinds):
+    """A 3-digit sum's solution holding the redundant kinds named (restate, other_route, estimate, final_check)."""
+    lines = [redundant_line("restate", a, op, b)] if "restate" in kinds else []
+    lines += [line for line, _, _ in necessary_steps(a, op, b)]
+    lines += [redundant_line(k, a, op, b) for k in END_KINDS if k in kinds]
+    return "\n".join(lines + [f"The answer is \\boxed{{{a + b}}}."])
+
+
+def test_the_experiment_report_counts_steps_per_response_against_start_and_reference(tmp_path):
+    """Hand-made run folders: the start writes 3 redundant steps everywhere, the reference (GRPO) too, the other
+    method drops the final check on half the problems at seed 0 and on every problem at seed 1."""
+    import yaml
+
+    from launch.experiment import load_configs
+    from launch.experiment_steps import markdown_steps, steps_report
+
+    data = tmp_path / "tb"
+    generate(data, None, seed=3, sft=10, train=4, heldout=6, difficulty=0, min_redundant=0, max_redundant=7,
+             probs=KIND_PROBS_V2, independent=True, reasoner={"width": 32, "layers": 1})
+    rows = [json.loads(x) for x in (data / "heldout.jsonl").read_text().splitlines()]
+    modal = ("restate", "other_route", "final_check")
+
+    def write(run: Path, step: int, dropped: set[int]):
+        (run / "heldout").mkdir(parents=True, exist_ok=True)
+        recs = []
+        for i, r in enumerate(rows):
+            tb = r["testbed"]
+            kinds = [k for k in modal if not (k == "final_check" and i in dropped)]
+            recs.append({"id": r["id"], "completion": _solution(tb["a"], tb["op"], tb["b"], kinds), "tokens": 100,
+                         "correct": 1.0})
+        (run / "heldout" / f"step-{step:06d}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+
+    configs = []
+    for name in ("testbed2_grpo", "testbed2_fgo_std"):
+        cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        cfg["data"]["eval"] = str(data / "heldout.jsonl")
+        cfg["trainer"]["max_steps"] = 5
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        configs.append(str(tmp_path / f"{name}.yaml"))
+    runs = []
+    for seed, dropped in ((0, {0, 1, 2}), (1, set(range(6)))):
+        cfgs = load_configs(configs, tmp_path / "out", [f"trainer.seed={seed}"], suffix=f"-s{seed}")
+        grpo, fgo = Path(cfgs["testbed2_grpo"].trainer.output_dir), Path(cfgs["testbed2_fgo_std"].trainer.output_dir)
+        write(grpo, 0, set())
+        write(grpo, 5, set())
+        write(fgo, 5, dropped)
+        runs += list(cfgs.items())
+    report = steps_report(runs)
+    by = {(r["method"], r["seed"]): r for r in report["runs"]}
+    assert by[("testbed2_grpo", 0)]["redundant_mean"] == 3.0 and by[("testbed2_grpo", 0)]["vs_start"]["mean"] == 0
+    fgo0, fgo1 = by[("testbed2_fgo_std", 0)], by[("testbed2_fgo_std", 1)]
+    assert fgo0["redundant_mean"] == 2.5 and fgo0["distribution"] == {"0": 0, "1": 0, "2": 3, "3": 3}
+    assert (fgo0["vs_start"]["fewer"], fgo0["vs_start"]["same"], fgo0["vs_start"]["more"]) == (3, 3, 0)
+    assert fgo0["vs_ref"]["mean"] == -0.5 and fgo1["vs_ref"]["mean"] == -1.0
+    assert fgo0["necessary_kept_correct"] == 1.0
+    pooled = {p["method"]: p for p in report["pooled"]}["testbed2_fgo_std"]
+    assert pooled["redundant_mean"] == pytest.approx(2.25)
+    assert pooled["between_seed_std"] == pytest.approx(np.std([2.5, 2.0], ddof=1))
+    assert pooled["vs_ref"]["mean"] == pytest.approx(-0.75) and pooled["vs_ref"]["ci"][1] < 0
+    table = markdown_steps(report)
+    assert "| testbed2_fgo_std | 0 | 3.00 → **2.50** |" in table and "Pooled over seeds" in table

@@ -136,9 +136,11 @@ def fgo(samples: Samples, algo) -> tuple[Tensor, dict]:
     incorrect subgroup; the other reward terms do not enter."""
     f, ok, L, idx = algo.fgo, samples.correct, samples.lengths, samples.index
     H = fgo_entropies(samples, f.entropy)
-    adv = per_group(lambda c, l, h, G: fgo_advantages(c, l, h, G, f.alpha, f.beta, scale_by_std=algo.scale_by_std),
-                    idx, ok, L, H)
-    weights = per_group(lambda c, l, h, G: fgo_rewards(c, l, h, G, f.alpha, f.beta), idx, ok, L, H)
+    uniform_wrong = f.weighted_subgroups == "correct"
+    adv = per_group(lambda c, l, h, G: fgo_advantages(c, l, h, G, f.alpha, f.beta, scale_by_std=algo.scale_by_std,
+                                                      uniform_wrong=uniform_wrong), idx, ok, L, H)
+    weights = per_group(lambda c, l, h, G: fgo_rewards(c, l, h, G, f.alpha, f.beta, uniform_wrong=uniform_wrong),
+                        idx, ok, L, H)
     # What GRPO would have wasted on the very same rollouts: groups whose +-1 rewards are all equal.
     grpo_zero = zero_group_fraction(per_group(grpo_advantages, idx, ok.float()), idx)
     return adv, {"fgo_entropy": float(H.mean()), "fgo_weight_spread": fgo_weight_spread(weights, ok, idx),

@@ -58,13 +58,17 @@ def zero_advantage_groups(advantages: Tensor, group_size: int, tol: float = 1e-8
 
 # ------------------------------------------------------------------------------------------------ FGO
 def fgo_rewards(correct: Tensor, lengths: Tensor, entropies: Tensor, group_size: int, alpha: float = 0.01,
-                beta: float = 1.0, eps: float = 1e-6) -> Tensor:
+                beta: float = 1.0, eps: float = 1e-6, uniform_wrong: bool = False) -> Tensor:
     """FGO's fine-grained rewards R_i = r_i * W_i (docs/algorithms.md, "FGO"), groups contiguous.
 
     Each group splits into correct (r=+1) and incorrect (r=-1) subgroups; inside a subgroup
       correct:   x_i = (mean L / L_i)^alpha * (mean H / H_i)^beta
       incorrect: x_i = (L_i / mean L)^alpha * (mean H / H_i)^beta
     and W = softmax(x) over the subgroup, so every subgroup's |R| sums to 1 and a singleton gets R = +-1.
+    uniform_wrong: the incorrect subgroup gets equal weights (x_i = 1), so only the correct subgroup is reweighted.
+    With the summed-entropy proxy the incorrect subgroup's weighting favours *longer* wrong answers, which turns
+    FGO's length pressure around on a mostly-wrong model (docs/algorithms.md, "The sign condition"); GFPO-style
+    length selection likewise acts on correct responses only.
     Computed in float64: with alpha = 0.01 the length factors differ from 1 in the 3rd decimal, and float32
     rounding would be a visible fraction of the weight differences.
     """
@@ -81,6 +85,8 @@ def fgo_rewards(correct: Tensor, lengths: Tensor, entropies: Tensor, group_size:
         mean_H = torch.where(member, H, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
         length_factor = mean_L / (L + eps) if sign > 0 else L / (mean_L + eps)
         x = length_factor ** alpha * (mean_H / (H + eps)) ** beta
+        if sign < 0 and uniform_wrong:
+            x = torch.ones_like(x)
         x = torch.where(member, x, float("-inf"))  # softmax over the subgroup's members only
         w = torch.softmax(torch.where(has, x, 0.0), dim=1)
         R = torch.where(member, sign * w, R)
@@ -88,14 +94,15 @@ def fgo_rewards(correct: Tensor, lengths: Tensor, entropies: Tensor, group_size:
 
 
 def fgo_advantages(correct: Tensor, lengths: Tensor, entropies: Tensor, group_size: int, alpha: float = 0.01,
-                   beta: float = 1.0, scale_by_std: bool = False) -> Tensor:
+                   beta: float = 1.0, scale_by_std: bool = False, uniform_wrong: bool = False) -> Tensor:
     """FGO advantages A_i = R_i - mean_group(R) [/ (std_group(R) + 1e-4)], float32, groups contiguous.
 
     scale_by_std=False is the poster's Dr.GRPO form (the default); True is the released code's (stock TRL 0.16:
     unbiased std + 1e-4). Mixed groups have mean R exactly 0 (each subgroup's weights sum to 1), while all-correct /
     all-wrong groups keep non-zero advantages unless their members are indistinguishable (docs/algorithms.md, "FGO").
     """
-    R = _groups(fgo_rewards(correct, lengths, entropies, group_size, alpha, beta), group_size)
+    R = _groups(fgo_rewards(correct, lengths, entropies, group_size, alpha, beta, uniform_wrong=uniform_wrong),
+                group_size)
     adv = R - R.mean(dim=1, keepdim=True)
     if scale_by_std and group_size > 1:
         adv = adv / (R.std(dim=1, keepdim=True) + 1e-4)

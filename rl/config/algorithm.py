@@ -20,6 +20,10 @@ class FGOConfig(Section):
         "sampled_token_sum", description="H_i: `sampled_token_sum` = sum over the response of -p log p of the "
         "sampled token (the released code; grows with length); `mean_token_entropy` = full-vocabulary entropy "
         "averaged over the response's tokens (a cleaner ablation, not the published FGO).")
+    weighted_subgroups: Literal["both", "correct"] = Field(
+        "both", description="Which subgroups FGO reweights: `both` (the published method) or `correct` (the "
+        "incorrect subgroup gets equal weights: only correct answers are pushed toward short and confident; our "
+        "option against the sign problem of docs/algorithms.md, 'The sign condition').")
 
 
 class TodoConfig(Section):
