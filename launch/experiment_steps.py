@@ -2,11 +2,13 @@
 (rl/data/testbed.py): what `reasonrl experiment` adds to its report when the held-out rows are testbed rows.
 
 Per run (from <run>/heldout/step-N.jsonl, the responses the held-out evaluations keep): the mean number of redundant
-steps per response and its distribution (0, 1, ... steps), the share of correct responses that kept every necessary
-step, and, problem by problem, how many responses lost or gained redundant steps against the start policy. Paired
-differences against the start and against the reference method (the first config, same seed) come with 95%
-bootstrap intervals over problems; pooled over seeds, each method also shows the spread of its per-seed means
-(the between-seed standard deviation), which the problem-resampling intervals do not see.
+steps per response and its distribution (0, 1, ... steps); the share of correct responses that kept every necessary
+step, exactly as the reference solution writes it and, more loosely, as a line of the necessary form for every column
+or partial product whatever its digits (an outcome reward does not check a step's digits); and, problem by problem,
+how many responses lost or gained redundant steps against the start policy. Paired differences against the start
+and against the reference method (the first config, same seed) come with 95% bootstrap intervals over problems;
+pooled over seeds, each method also shows the spread of its per-seed means (the between-seed standard deviation),
+which the problem-resampling intervals do not see.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def _problem_rows(cfg: Config) -> dict[str, dict] | None:
 
 
 def step_counts(run_dir: Path, step: int, rows: dict[str, dict]) -> dict[str, dict] | None:
-    """{problem id: {redundant, necessary_kept, correct, tokens}} of one held-out evaluation, None if not kept."""
+    """{problem id: {redundant, necessary_kept, necessary_written, correct, tokens}} of one held-out evaluation, None
+    if its responses were not kept."""
     path = Path(run_dir) / "heldout" / f"step-{step:06d}.jsonl"
     if not path.is_file():
         return None
@@ -48,6 +51,7 @@ def step_counts(run_dir: Path, step: int, rows: dict[str, dict]) -> dict[str, di
             continue
         c = count_steps(row, rec.get("completion", ""))
         out[str(rec["id"])] = {"redundant": c["redundant"], "necessary_kept": c["necessary_missing"] == 0,
+                               "necessary_written": c["necessary"] >= c["necessary_expected"],
                                "correct": bool(rec.get("correct")), "tokens": rec.get("tokens")}
     return out
 
@@ -57,7 +61,8 @@ def _summary(counts: dict[str, dict]) -> dict:
     correct = [c for c in counts.values() if c["correct"]]
     return {"n": len(red), "redundant_mean": float(np.mean(red)),
             "distribution": {str(k): red.count(k) for k in range(max(red) + 1)} if red else {},
-            "necessary_kept_correct": float(np.mean([c["necessary_kept"] for c in correct])) if correct else None}
+            "necessary_kept_correct": float(np.mean([c["necessary_kept"] for c in correct])) if correct else None,
+            "necessary_written_correct": float(np.mean([c["necessary_written"] for c in correct])) if correct else None}
 
 
 def _paired(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[float], list[float]]:
@@ -118,9 +123,11 @@ def _pool(per_run: list[dict], loaded, starts: dict, ends: dict, reference: str)
             for k, v in r["distribution"].items():
                 dist[k] = dist.get(k, 0) + v
         kept = [r["necessary_kept_correct"] for r in mine if r["necessary_kept_correct"] is not None]
+        written = [r["necessary_written_correct"] for r in mine if r["necessary_written_correct"] is not None]
         p = {"method": method, "seeds": [r["seed"] for r in mine], "redundant_mean": float(np.mean(means)),
              "between_seed_std": float(np.std(means, ddof=1)) if len(means) > 1 else None, "distribution": dist,
-             "necessary_kept_correct": float(np.mean(kept)) if kept else None}
+             "necessary_kept_correct": float(np.mean(kept)) if kept else None,
+             "necessary_written_correct": float(np.mean(written)) if written else None}
         pairs_start, pairs_ref = ([], []), ([], [])
         for r in mine:
             end = ends[(method, r["seed"])]
@@ -142,6 +149,12 @@ def _d(x: dict | None) -> str:
     return "–" if not x else f"{x['mean']:+.2f} [{x['ci'][0]:+.2f}, {x['ci'][1]:+.2f}]"
 
 
+def _kept(r: dict) -> str:
+    if r["necessary_kept_correct"] is None:
+        return "–"
+    return f"{r['necessary_kept_correct']:.3f} / {r['necessary_written_correct']:.3f}"
+
+
 def _dist(d: dict) -> str:
     return " / ".join(str(d.get(str(k), 0)) for k in range(8))
 
@@ -153,7 +166,7 @@ def markdown_steps(report: dict | None) -> str:
     lines = ["", "Redundant steps per held-out response (testbed rows; counted by rewards.testbed.count_steps):", "",
              f"| method | seed | redundant steps start → end | Δ vs start [CI] | Δ vs {ref} [CI] | responses with "
              "fewer / same / more than at start | distribution at end (0 / 1 / ... / 7 steps) | correct with every "
-             "necessary step |", "|---|---|---|---|---|---|---|---|"]
+             "necessary step exact / written |", "|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         start = r.get("start", {}).get("redundant_mean")
         moves = r.get("vs_start")
@@ -161,18 +174,18 @@ def markdown_steps(report: dict | None) -> str:
                      f"**{r['redundant_mean']:.2f}** | {_d(r.get('vs_start'))} | {_d(r.get('vs_ref'))} | "
                      + (f"{moves['fewer']} / {moves['same']} / {moves['more']}" if moves else "–")
                      + f" | {_dist(r['distribution'])} | "
-                     + ("–" if r["necessary_kept_correct"] is None else f"{r['necessary_kept_correct']:.3f}") + " |")
+                     + _kept(r) + " |")
     if len({r["seed"] for r in report["runs"]}) > 1:
         lines += ["", "Pooled over seeds (Δ: same-seed pairs pooled; spread: standard deviation of the per-seed "
                   "means):", "", f"| method | seeds | redundant steps (spread) | Δ vs start [CI] | Δ vs {ref} [CI] "
-                  "| distribution (0 / ... / 7) | correct with every necessary step |", "|---|---|---|---|---|---|---|"]
+                  "| distribution (0 / ... / 7) | correct with every necessary step exact / written |",
+                  "|---|---|---|---|---|---|---|"]
         for p in report["pooled"]:
             spread = p["between_seed_std"]
             lines.append(f"| {p['method']} | {', '.join(map(str, p['seeds']))} | **{p['redundant_mean']:.2f}** "
                          f"({'–' if spread is None else format(spread, '.2f')}) | {_d(p.get('vs_start'))} | "
                          f"{_d(p.get('vs_ref'))} | {_dist(p['distribution'])} | "
-                         + ("–" if p["necessary_kept_correct"] is None else f"{p['necessary_kept_correct']:.3f}")
-                         + " |")
+                         + _kept(p) + " |")
     return "\n".join(lines) + "\n"
 
 

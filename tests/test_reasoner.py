@@ -215,7 +215,7 @@ def test_the_experiment_report_counts_steps_per_response_against_start_and_refer
     assert fgo0["redundant_mean"] == 2.5 and fgo0["distribution"] == {"0": 0, "1": 0, "2": 3, "3": 3}
     assert (fgo0["vs_start"]["fewer"], fgo0["vs_start"]["same"], fgo0["vs_start"]["more"]) == (3, 3, 0)
     assert fgo0["vs_ref"]["mean"] == -0.5 and fgo1["vs_ref"]["mean"] == -1.0
-    assert fgo0["necessary_kept_correct"] == 1.0
+    assert fgo0["necessary_kept_correct"] == fgo0["necessary_written_correct"] == 1.0
     pooled = {p["method"]: p for p in report["pooled"]}["testbed2_fgo_std"]
     assert pooled["redundant_mean"] == pytest.approx(2.25)
     assert pooled["between_seed_std"] == pytest.approx(np.std([2.5, 2.0], ddof=1))
