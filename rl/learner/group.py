@@ -63,9 +63,10 @@ class LearnerGroup:
         plan = partial(updates.plan_policy, mini_batches=mini_batches, max_len=max_len, on_policy=on_policy)
         return self.update("policy", sequences, plan, updates.reduce_policy)
 
-    def weights(self):
-        """ObjectRef of rank 0's numpy state dict (all ranks take part: ZeRO-3 gathers are collective)."""
-        refs = [r.get_weights.remote() for r in self.ranks]
+    def weights(self, wire_dtype: str | None = None):
+        """ObjectRef of rank 0's numpy state dict (all ranks take part: ZeRO-3 gathers are collective); wire_dtype:
+        rl.learner.engine.Engine.get_weights."""
+        refs = [r.get_weights.remote(wire_dtype) for r in self.ranks]
         ray.get(refs[1:])  # raises if another rank failed; they return None
         return refs[0]
 

@@ -61,8 +61,8 @@ class LearnerRank:
         return self.query("logprobs", list(zip(prompt_ids, response_ids)))
 
     # ------------------------------------------------------------------------------ weights, checkpoints
-    def get_weights(self) -> dict[str, np.ndarray] | None:
-        return self.engine.get_weights()
+    def get_weights(self, wire_dtype: str | None = None) -> dict[str, np.ndarray] | None:
+        return self.engine.get_weights(wire_dtype)
 
     def weight_manifest(self) -> list[tuple[str, tuple]]:
         return self.engine.weight_manifest()

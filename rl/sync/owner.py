@@ -20,6 +20,8 @@ import ray
 from rl.cluster.watchdog import StuckError, call_all, dead
 
 log = logging.getLogger("reasonrl")
+# Longest an NCCL weight broadcast may take: GBs move in seconds between GPUs, so minutes mean a dead member.
+NCCL_TIMEOUT_S = 300.0
 
 
 class WeightSync:
@@ -41,6 +43,12 @@ class WeightSync:
         gpu = cfg.learner.num_gpus_per_rank > 0 and cfg.rollout.num_gpus > 0
         self.backend = "nccl" if gpu else "gloo"  # gloo stages GPU tensors through host memory
         self.timeout_s = float(cfg.trainer.watchdog_seconds or 1800.0)
+        if self.backend == "nccl":
+            # A receiver that dies mid-broadcast leaves rank 0 inside an NCCL collective that only its timeout
+            # ends (gloo sees the closed socket at once): bounded, so the learner is not blocked for 30 minutes.
+            self.timeout_s = min(self.timeout_s, NCCL_TIMEOUT_S)
+        # Weights ship through the object store in the rollout dtype: bf16 as int16 bits, not fp32 (twice the bytes).
+        self.wire_dtype = "bfloat16" if cfg.model.dtype == "bfloat16" else None
 
     # ------------------------------------------------------------------------------------------ pushing
     def updated(self, step: int) -> None:
@@ -55,7 +63,7 @@ class WeightSync:
     def push(self, version: int) -> None:
         """The learner's current weights into every rollout worker; afterwards they hold `version`."""
         if self.mode == "object_store":
-            ref = self.learner.weights()
+            ref = self.learner.weights(self.wire_dtype)
             # On-policy every sync ends a step, so whenever a worker generates the learner holds exactly the synced
             # weights and a recreated worker can fetch them again: keeping the ref would pin a second copy of the
             # weights in the object store through every train phase.
@@ -75,7 +83,7 @@ class WeightSync:
         self._rebuild = True  # its collective membership died with it
         if self.version == 0:
             return  # its own initial weights are current
-        ref = self.kept_ref if self.kept_ref is not None else self.learner.weights()
+        ref = self.kept_ref if self.kept_ref is not None else self.learner.weights(self.wire_dtype)
         ray.get(worker.load_weights.remote(ref, self.version))
 
     # ------------------------------------------------------------------------------------- collective mode
