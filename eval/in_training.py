@@ -5,6 +5,11 @@ Every `eval_every` steps the configured benchmark subset goes through eval.runne
 training rollout workers (current weights) and a math_verify reward worker, eval.metrics computes the same numbers
 as `reasonrl eval`, and they are logged beside the step's training metrics as `eval/<benchmark>/<metric>`. Each
 eval's samples land in `<run>/eval/step-N/` in the `reasonrl eval` layout, so `reasonrl compare` works on them.
+
+`trainer.eval_protocol` names the protocol (eval/protocols.py) whose prompt and grading it uses: `reasonrl` (the
+default) is the run's own template and the training reward's last-box rule; `fgo` is FGO's system prompt, and so
+on. Sampling, samples and budget stay the trainer's (eval_greedy, eval_samples, rollout temperature / top_p /
+max_new_tokens): an in-training eval is a cheap signal, and metrics.json lists where it departs from the protocol.
 """
 from __future__ import annotations
 
@@ -15,27 +20,36 @@ from pathlib import Path
 
 from eval.benchmarks import BENCHMARKS, data_dir_from, load_benchmark, parse_benchmarks, slug
 from eval.metrics import benchmark_metrics
+from eval.protocols import PROTOCOLS
 from eval.runner import (SAMPLES_DIR, SETTINGS_FILE, VERIFIER, EvalSettings, chunk_seed, generate_records,
-                         write_metrics, write_samples)
+                         protocol_record, write_metrics, write_samples)
 from rl.config.schema import Config, ConfigError, RewardConfig, RewardFunction
 from rl.data.loading import DataError, render_prompt
 from rl.store.atomic import write_atomic
 from rl.models import load_tokenizer, resolve_model
 
 KEY = "trainer.eval_benchmarks"
+PROTOCOL_KEY = "trainer.eval_protocol"
 
 
 def check_eval_benchmarks(cfg: Config) -> Config:
-    """Check `trainer.eval_benchmarks` and store it normalised (stripped, in order, without duplicates).
+    """Check `trainer.eval_benchmarks` and store it normalised (stripped, in order, without duplicates), and check
+    that `trainer.eval_protocol` names a protocol of eval/protocols.py.
 
-    rl.config.schema cannot know benchmark names (rl never imports eval), so the launch layer calls this on every path
-    that loads a training config, before any actor starts. Raises ConfigError naming the key, in one line.
+    rl.config.schema cannot know benchmark or protocol names (rl never imports eval), so the launch layer calls this
+    on every path that loads a training config, before any actor starts. Raises ConfigError naming the key, in one
+    line.
     """
     names = cfg.trainer.eval_benchmarks
     try:
         cfg.trainer.eval_benchmarks = parse_benchmarks(names)
     except DataError as err:
         raise ConfigError(f"config key '{KEY}': {err}{_did_you_mean(names)}") from None
+    protocol = cfg.trainer.eval_protocol
+    if protocol not in PROTOCOLS:
+        close = difflib.get_close_matches(str(protocol).strip(), list(PROTOCOLS), n=1)
+        raise ConfigError(f"config key '{PROTOCOL_KEY}': unknown protocol {protocol!r}; known: "
+                          f"{', '.join(PROTOCOLS)}" + (f"; did you mean {close[0]!r}?" if close else ""))
     return cfg
 
 
@@ -62,18 +76,22 @@ class BenchmarkEval:
         self.cfg, self.every = cfg, t.eval_every
         tokenizer = load_tokenizer(resolve_model(cfg.model.path, cfg.model.cache_dir))
         folder = data_dir_from(t.eval_data_dir)
+        loaded = [(slug(name), *load_benchmark(name, folder, t.eval_limit)) for name in t.eval_benchmarks]
+        # The protocol's prompt and grading; the training generation budget and temperature (the eval measures the
+        # policy as it is trained) and the trainer's greedy / samples.
+        self.settings = EvalSettings.from_protocol(
+            t.eval_protocol, samples=t.eval_samples, samples_per_benchmark={}, greedy=t.eval_greedy,
+            temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=t.seed,
+            chunk_problems=max(len(rows) for _, rows, _ in loaded), batch_size=r.generate_batch_size)
+        s = self.settings
+        self.system_prompt, self.suffix = ((cfg.data.system_prompt, cfg.data.prompt_suffix) if s.prompt_from_run
+                                           else (s.system_prompt, ""))
         self.sets, self.stats = [], {}
-        for name in t.eval_benchmarks:
-            rows, stats = load_benchmark(name, folder, t.eval_limit)
-            prompts = [render_prompt(tokenizer, row["problem"], cfg.data.system_prompt, cfg.data.prompt_suffix)
+        for name, rows, stats in loaded:
+            prompts = [render_prompt(tokenizer, s.user_text(name, row["problem"], self.suffix), self.system_prompt)
                        for row in rows]
-            self.sets.append((slug(name), rows, prompts))
-            self.stats[slug(name)] = stats
-        # The training generation budget and temperature: the eval measures the policy as it is trained.
-        self.settings = EvalSettings(samples=t.eval_samples, greedy=t.eval_greedy, temperature=r.temperature,
-                                     top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=t.seed,
-                                     chunk_problems=max(len(rows) for _, rows, _ in self.sets),
-                                     batch_size=r.generate_batch_size)
+            self.sets.append((name, rows, prompts))
+            self.stats[name] = stats
         self._rewards = None
 
     @classmethod
@@ -91,15 +109,16 @@ class BenchmarkEval:
 
         if self._rewards is None:  # its own verifier-only worker: training rewards may not include math_verify
             cfg = self.cfg.model_copy(deep=True)
-            cfg.reward = RewardConfig(functions=[RewardFunction(fn=VERIFIER)], accuracy=VERIFIER, num_workers=1,
-                                      timeout_seconds=self.cfg.reward.timeout_seconds)
+            cfg.reward = RewardConfig(functions=[RewardFunction(fn=VERIFIER, kwargs=self.settings.verifier_kwargs())],
+                                      accuracy=VERIFIER, num_workers=1, timeout_seconds=self.cfg.reward.timeout_seconds)
             self._rewards = RewardGroup(cfg)
         out = Path(self.cfg.trainer.output_dir) / "eval" / f"step-{step:06d}"
         (out / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
         params, row, results = self.settings.sampling(), {}, {}
         for name, rows, prompts in self.sets:
             records, fails = generate_records(run.rollouts, self._rewards, rows, prompts, params,
-                                              chunk_seed(self.settings.seed + step, name, 0), name, run.weights)
+                                              chunk_seed(self.settings.seed + step, name, 0), name, run.weights,
+                                              extraction=self.settings.extraction, think=self.settings.think)
             write_samples(out / SAMPLES_DIR / f"{name}.jsonl", records)
             m = results[name] = dict(benchmark_metrics(records, seed=self.settings.seed,
                                                        budget=self.settings.max_new_tokens), **fails)
@@ -115,10 +134,10 @@ class BenchmarkEval:
             print(f"step {step} {name}: accuracy {m['accuracy']:.3f} [{m['accuracy_ci'][0]:.3f}, "
                   f"{m['accuracy_ci'][1]:.3f}], {m['tokens']['mean']:.0f} tokens", flush=True)
         meta = {"model": f"{self.cfg.model.path}@step-{step}", **dataclasses.asdict(self.settings),
-                "system_prompt": self.cfg.data.system_prompt, "prompt_suffix": self.cfg.data.prompt_suffix,
-                "verifier": VERIFIER, "limit": self.cfg.trainer.eval_limit, "benchmarks": self.stats}
+                "system_prompt": self.system_prompt, "prompt_suffix": self.suffix, "verifier": VERIFIER,
+                "limit": self.cfg.trainer.eval_limit, "benchmarks": self.stats}
         write_atomic(out / SETTINGS_FILE, json.dumps(meta, indent=2) + "\n")
-        write_metrics(out, results, {"step": step})
+        write_metrics(out, results, {"step": step, **protocol_record(self.settings)})
         return row
 
     def close(self) -> None:

@@ -13,8 +13,9 @@ Sources (read for issue 27):
               aime24_avg / aime25_avg: avg@64), metric Metrics.pass_at_k_math (math-verify, Expr + LaTeX targets
               for gold and prediction, precision 6), pipeline remove_reasoning_tags=True (`<think>...</think>` cut).
               lighteval fixes no sampling: T 0.6, top_p 0.95 are open-r1's documented lighteval command.
-              Grading is math-verify 0.9 with lighteval's targets; lighteval 0.13's in-house extraction still differs
-              (any matching box counts): bench/lighteval_crosscheck.py measures the gap.
+              Grading (extraction "lighteval", think "tags"): lighteval's math metric rebuilt from math-verify 0.9 with
+              lighteval's settings (rewards/answers.py); bench/lighteval_crosscheck.py checks it against lighteval
+              itself, response by response (docs/results.md, "lighteval cross-check").
   qwen-math   QwenLM/Qwen2.5-Math evaluation/math_eval.py defaults (temperature 0, n_sampling 1, top_p 1,
               max_tokens_per_call 2048), prompt type `qwen25-math-cot` (system "Please reason step by step, and put
               your final answer within \\boxed{}."); grader.py `math_equal` (last box; numbers within a relative
@@ -63,8 +64,8 @@ class Protocol(BaseModel):
     samples: int = 1
     samples_per_benchmark: dict[str, int] = Field(default_factory=dict)
     max_new_tokens: int = 2048
-    extraction: Literal["last_box", "math_verify"] = "last_box"
-    think: Literal["keep", "split"] = "keep"
+    extraction: Literal["last_box", "math_verify", "lighteval"] = "last_box"
+    think: Literal["keep", "split", "tags"] = "keep"
     rel_tol: float = 0.0
 
 
@@ -75,8 +76,8 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
     Protocol(name="lighteval", source="lighteval 0.13 math_500 / aime24_avg tasks, pass_at_k_math (math-verify); "
              "open-r1's T 0.6, top_p 0.95", prompt_from_run=False, user_template=LIGHTEVAL_BOXED,
              user_templates={"math500": LIGHTEVAL_MATH500}, temperature=0.6, top_p=0.95, samples=1,
-             samples_per_benchmark={"aime24": 64, "aime25": 64}, max_new_tokens=32768, extraction="math_verify",
-             think="split"),
+             samples_per_benchmark={"aime24": 64, "aime25": 64}, max_new_tokens=32768, extraction="lighteval",
+             think="tags"),
     Protocol(name="qwen-math", source="Qwen2.5-Math evaluation/math_eval.py defaults, qwen25-math-cot prompt, "
              "grader.math_equal (rel. tolerance 1e-4)", prompt_from_run=False,
              system_prompt="Please reason step by step, and put your final answer within \\boxed{}.", greedy=True,

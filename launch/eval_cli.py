@@ -17,13 +17,14 @@ def settings_from_args(args):
     from eval.protocols import get_protocol, parse_samples
     from eval.runner import EvalSettings
 
+    protocol = args.protocol or "reasonrl"
     samples, named = parse_samples(args.samples)
     # A bare N applies to every benchmark not named in --samples; without one the protocol's own counts stay.
-    per_benchmark = named if samples is not None else {**get_protocol(args.protocol).samples_per_benchmark, **named}
+    per_benchmark = named if samples is not None else {**get_protocol(protocol).samples_per_benchmark, **named}
     # Options left out (None) keep the protocol's value; a temperature given to a greedy protocol means sampling.
     greedy = True if args.greedy else (False if args.temperature is not None else None)
     return EvalSettings.from_protocol(
-        args.protocol, samples=samples, samples_per_benchmark=per_benchmark, greedy=greedy,
+        protocol, samples=samples, samples_per_benchmark=per_benchmark, greedy=greedy,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
         chunk_problems=args.chunk_problems, batch_size=args.batch_size, verifier=args.verifier,
         extraction=args.extraction, think=args.think, rel_tol=args.rel_tol)
@@ -35,8 +36,18 @@ def _eval(args) -> int:
     from rewards.isolation import cap_log_messages
 
     cap_log_messages(*logging.getLogger().handlers)  # verifier logs quote model output: no line of any length
+    if args.grading and not args.rescore:
+        raise ConfigError("--grading goes with --rescore OUT; a new eval takes --protocol NAME")
     if args.rescore:
-        rescore(args.rescore, timeout=args.timeout)
+        # Only the grading can change without generating again; the options that set generation are refused.
+        given = [opt for opt, value in (("--samples", args.samples), ("--greedy", args.greedy),
+                                        ("--temperature", args.temperature), ("--top-p", args.top_p),
+                                        ("--max-new-tokens", args.max_new_tokens)) if value is not None]
+        if given:
+            raise ConfigError(f"--rescore re-grades saved responses; {', '.join(given)} would change how they are "
+                              "generated, which needs a new eval (reasonrl eval --model ... --out NEW)")
+        rescore(args.rescore, timeout=args.timeout, protocol=args.protocol, grading_of=args.grading,
+                grading={"extraction": args.extraction, "think": args.think, "rel_tol": args.rel_tol})
         return 0
     if not args.model:
         raise ConfigError("reasonrl eval needs --model (a run folder, checkpoint, HF folder, hub id, bundled:NAME or "
@@ -69,18 +80,21 @@ def add_eval_commands(sub) -> None:
                     "id org/name[:split] (default math500)")
     ev.add_argument("--data-dir", help="folder with local <benchmark>.jsonl files (id/problem/answer) instead of the "
                     "hub; default $REASONRL_DATA_DIR")
-    ev.add_argument("--protocol", default="reasonrl", choices=list(PROTOCOLS),
+    ev.add_argument("--protocol", choices=list(PROTOCOLS),
                     help="named protocol fixing prompt, sampling, samples, budget and grading (eval/protocols.py, "
-                    "README 'Which protocol'): " + "; ".join(f"{p.name}: {p.source}" for p in PROTOCOLS.values()))
+                    "README 'Which protocol'; default reasonrl; with --rescore: re-grade under its grading, refused "
+                    "if the responses were generated otherwise): " + "; ".join(f"{p.name}: {p.source}" for p in PROTOCOLS.values()))
     ev.add_argument("--samples", help="responses per problem (avg@k, pass@k, maj@k): N, BENCHMARK=N or a list "
                     "(4,aime24=16); default the protocol's")
     ev.add_argument("--greedy", action="store_true", default=None, help="greedy decoding (needs --samples 1)")
     ev.add_argument("--temperature", type=float, help="sampling temperature (default the protocol's; reasonrl 0.6)")
     ev.add_argument("--top-p", type=float, help="default the protocol's (reasonrl 1.0)")
     ev.add_argument("--max-new-tokens", type=int, help="generation budget (default the protocol's; reasonrl 2048)")
-    ev.add_argument("--extraction", choices=["last_box", "math_verify"], help="answer extraction: last balanced "
-                    "box (training's) or lighteval's math-verify targets (default the protocol's)")
-    ev.add_argument("--think", choices=["keep", "split"], help="split: score only the text after </think>")
+    ev.add_argument("--extraction", choices=["last_box", "math_verify", "lighteval"], help="answer extraction: "
+                    "last balanced box (training's), math-verify with lighteval's targets, or lighteval 0.13's own "
+                    "metric (default the protocol's)")
+    ev.add_argument("--think", choices=["keep", "split", "tags"], help="split: score only the text after the last "
+                    "</think>; tags: cut <think>...</think> pairs (lighteval's remove_reasoning_tags)")
     ev.add_argument("--rel-tol", type=float, help="numbers within this relative tolerance count as equal")
     ev.add_argument("--limit", type=int, help="first N problems of each benchmark")
     ev.add_argument("--seed", type=int, default=0)
@@ -96,7 +110,12 @@ def add_eval_commands(sub) -> None:
     ev.add_argument("--timeout", type=float, default=30.0, help="verifier time limit per call, seconds")
     ev.add_argument("--chunk-problems", type=int, default=16, help="problems per generation round (resume unit)")
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per generate call in a worker")
-    ev.add_argument("--rescore", metavar="OUT", help="re-verify the saved responses in OUT (no generation)")
+    ev.add_argument("--rescore", metavar="OUT", help="re-verify the saved responses in OUT (no generation), with "
+                    "the grading they were made with, or: --protocol NAME (the whole protocol: refused, naming each "
+                    "setting, if the responses were generated otherwise), --grading NAME (that protocol's grading "
+                    "alone), --extraction / --think / --rel-tol")
+    ev.add_argument("--grading", choices=list(PROTOCOLS), metavar="PROTOCOL", help="with --rescore: grade with "
+                    "this protocol's extraction, </think> handling and tolerance")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(handler=_eval)
 

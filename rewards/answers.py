@@ -9,30 +9,52 @@ Why each piece exists (issue 27, checked against ../shared/data):
     the last `</think>` (DeepScaleR/rllm score only that; lighteval strips reasoning tags by default).
   * Extraction `last_box` is the training reward's strict rule (only the last balanced box); `math_verify` is
     math-verify 0.9's parse with lighteval's targets (ExprExtractionConfig + LatexExtractionConfig for pred and
-    gold, precision 6: several boxes joined into one set, "the answer is 42" found). NOT yet lighteval 0.13's own
-    verdict: its in-house extraction counts a response right when ANY of its boxes matches, and reads bare golds
-    differently; bench/lighteval_crosscheck.py lists the disagreements (issue 27).
+    gold, precision 6: several boxes joined into one set, "the answer is 42" found); the answer strings maj@k votes
+    on are compared this way. `lighteval` is lighteval 0.13's math metric (Metrics.pass_at_k_math ->
+    MultilingualExtractiveMatchMetric) rebuilt from math-verify's own parse/verify with lighteval's settings: its
+    targets (LaTeX boxed_match_priority 55, after "final answer is"), first_match fallback (the matched string is
+    kept beside the parse), golds read as lighteval's MATH-500 task reads them (inside a box: its gold is the
+    solution) and compared as strings when they do not parse, stripped text, any (gold, prediction) pair matching; with think="tags", lighteval's remove_reasoning_tags (every
+    `<think>...</think>` pair cut; an unopened `</think>` leaves the text whole). One rule is lighteval's
+    dependency's, not math-verify's: lighteval 0.13 pins latex2sympy2_extended 1.0.6, which keeps an earlier box
+    with the last one only when the text between them is nothing but `,`, `and` or `or`; math-verify 0.9 (1.11) also
+    joins boxes up to 10 characters apart or with a separator anywhere within 70 (`\boxed{0} or rather
+    \boxed{5}` -> {0, 5}). `_lighteval_boxed_content` is that 1.0.6 rule; bench/lighteval_crosscheck.py measures
+    the rest against lighteval itself.
   * `rel_tol`: Qwen2.5-Math's grader accepts numbers within a relative 1e-4 of the gold (its `numeric_equal`).
 
 math-verify's timeouts use signal.alarm, so parse/verify run with timeouts only in a main thread (`_timeouts`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
 import re
 import threading
 from typing import Literal
 
+import math_verify.parser
+from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-Extraction = Literal["last_box", "math_verify"]
-Think = Literal["keep", "split"]
-EXTRACTIONS: tuple[str, ...] = ("last_box", "math_verify")
-THINK_MODES: tuple[str, ...] = ("keep", "split")
+Extraction = Literal["last_box", "math_verify", "lighteval"]
+Think = Literal["keep", "split", "tags"]
+EXTRACTIONS: tuple[str, ...] = ("last_box", "math_verify", "lighteval")
+THINK_MODES: tuple[str, ...] = ("keep", "split", "tags")
 # lighteval's pass_at_k_math / MATH-500 metric: both targets, for predictions and golds (boxed first: LaTeX config's
 # boxed_match_priority), float_rounding 6.
 LIGHTEVAL_TARGETS = (ExprExtractionConfig(), LatexExtractionConfig())
+# lighteval 0.13's own LatexExtractionConfig (metrics/utils/extractive_match_utils.py): boxes at priority 55, i.e.
+# after "final answer is ..." (50), and its normalisation (equations=True there is a no-op in latex2sympy2 1.11,
+# where the parser handles equations: left out so that no deprecation warning is logged per call).
+_LIGHTEVAL_LATEX = LatexExtractionConfig(boxed_match_priority=55, normalization_config=NormalizationConfig(
+    basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False))
+# Metrics.pass_at_k_math: the same targets for golds and predictions.
+LIGHTEVAL_METRIC_TARGETS = (ExprExtractionConfig(), _LIGHTEVAL_LATEX)
+THINK_TAGS = ("<think>", "</think>")
 
 THINK_END = "</think>"
 # A number in e-notation standing alone (not part of a name like `x2e3` or a decimal continuing it).
@@ -116,9 +138,20 @@ def normalize_gold(gold: str) -> str:
 
 
 def split_think(text: str, mode: Think = "keep") -> str:
-    """`split`: the text after the last `</think>` (all of it when there is none: a model that does not think)."""
+    """`split`: the text after the last `</think>` (all of it when there is none: a model that does not think).
+    `tags`: lighteval's remove_reasoning_tags (pipeline default): every `<think>...</think>` pair cut out, first
+    opening tag to the next closing one, until no pair is left; a `</think>` without a `<think>` before it (a chat
+    template that opens the thinking in the prompt) leaves the text whole, as in lighteval."""
     if mode == "split" and THINK_END in text:
         return text.rsplit(THINK_END, 1)[1]
+    if mode == "tags":
+        start_tag, end_tag = THINK_TAGS
+        while start_tag in text and end_tag in text:
+            start = text.find(start_tag)
+            end = text.find(end_tag, start)
+            if end == -1:
+                break
+            text = text[:start] + text[end + len(end_tag):]
     return text
 
 
@@ -128,8 +161,88 @@ def _wrap(expr: str) -> str:
     return s if s.startswith("$") or "\\boxed" in s else f"${s}$"
 
 
+# --- lighteval 0.13's last-box rule (latex2sympy2_extended 1.0.6, math_normalization.extract_boxed_content) --------
+# math-verify normalises a matched `\boxed{...}` group with NormalizationConfig(boxed="last"), and which earlier boxes
+# "last" keeps is decided by the installed latex2sympy2_extended: 1.11 (math-verify 0.9's pin) joins boxes less than
+# 10 characters apart, or differing ones with `and`/`or`/`,`/`;` anywhere in up to 70 characters between them;
+# 1.0.6 (lighteval 0.13's pin) only when the text between them is nothing but one of `and`/`or`/`,`. Both cannot be
+# installed in one venv, so under the `lighteval` extraction math-verify's normalize_latex gets the box's content cut
+# by the 1.0.6 rule first (`_lighteval_boxed_content`, written from its documented behaviour). Everything else stays math-verify's own code.
+_LE_SEPARATOR = re.compile(r"^\s*(?:and|or|,)\s*$")
+_lighteval_rules = contextvars.ContextVar("reasonrl_lighteval_box_rule", default=False)
+
+
+def _closing_brace(text: str, open_at: int) -> int | None:
+    """Index of the `}` that closes the `{` at `open_at` (plain depth count, as the 1.0.6 rule counts), or None."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return None
+
+
+def _lighteval_boxed_content(text: str) -> str:
+    """What latex2sympy2_extended 1.0.6 keeps of the boxes in `text` (mode "last"): the last box's content, joined
+    (with `,`) with each earlier box whose gap to the next kept one is only `and`, `or` or `,`. A last box that does
+    not open with a brace, or never closes, yields the rest of the text after `\\boxed`; no box: the text itself."""
+    boxes = []  # (command start, content start, content end) of every closed box, in order
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*", text):
+        brace = m.end()
+        close = _closing_brace(text, brace) if text.startswith("{", brace) else None
+        boxes.append((m.start(), brace, None) if close is None else (m.start(), brace + 1, close))
+    if not boxes:
+        return text
+    *earlier, (start, first, end) = boxes
+    if end is None:
+        return text[first:]
+    kept = [text[first:end].strip()]
+    for prev_start, prev_first, prev_end in reversed(earlier):
+        if prev_end is None or prev_end >= start or not _LE_SEPARATOR.match(text[prev_end + 1:start]):
+            break
+        kept.append(text[prev_first:prev_end].strip())
+        start = prev_start
+    return ",".join(reversed(kept))
+
+
+_normalize_latex = math_verify.parser.normalize_latex
+
+
+def _normalize_latex_rule_aware(text: str, config: NormalizationConfig) -> str:
+    if _lighteval_rules.get() and config.boxed == "last":
+        return _normalize_latex(_lighteval_boxed_content(text), dataclasses.replace(config, boxed="none"))
+    return _normalize_latex(text, config)
+
+
+if math_verify.parser.normalize_latex is not _normalize_latex_rule_aware:  # installed once; a pass-through unless
+    math_verify.parser.normalize_latex = _normalize_latex_rule_aware  # a `lighteval` parse is running
+
+
+@contextlib.contextmanager
+def _lighteval_box_rule():
+    token = _lighteval_rules.set(True)
+    try:
+        yield
+    finally:
+        _lighteval_rules.reset(token)
+
+
+def _parse_lighteval(text: str) -> list:
+    """lighteval 0.13's extraction of one string (a gold or a response): MultilingualExtractiveMatchMetric with
+    Metrics.pass_at_k_math's targets, fallback_mode first_match, extraction_mode any_match, on the stripped text."""
+    with _lighteval_box_rule():
+        return parse(text.strip(), LIGHTEVAL_METRIC_TARGETS, fallback_mode="first_match",
+                     extraction_mode="any_match", parsing_timeout=5 if _timeouts() else None)  # type: ignore[arg-type]
+
+
 def parse_answer(expr: str, extraction: Extraction = "last_box") -> list:
-    """math-verify's parse of an extracted answer or a gold (`$...$`-wrapped, numbers normalised)."""
+    """math-verify's parse of an extracted answer or a gold (`$...$`-wrapped, numbers normalised). Under
+    `lighteval`, a gold as lighteval's MATH-500 task reads it: inside a box (its gold is "ANSWER: " + the solution,
+    whose last box is the answer; a bare `3\\sqrt{13}` would be read as 3), with lighteval's targets, and the
+    string itself when nothing parses (compared as a string, never vacuously true)."""
+    if extraction == "lighteval":
+        text = expr.strip() if "\\boxed" in expr else f"\\boxed{{{expr.strip()}}}"
+        return _parse_lighteval(text) or ([expr.strip()] if expr.strip() else [])
     targets = LIGHTEVAL_TARGETS if extraction == "math_verify" else (LatexExtractionConfig(), ExprExtractionConfig())
     text = expr if "\\boxed" in expr else normalize_number_notation(expr)  # a worked solution stays as written
     return parse(_wrap(text), targets,
@@ -145,6 +258,9 @@ def extract(text: str, extraction: Extraction = "last_box", think: Think = "keep
         if box is None or not box.strip():
             return [], None
         return parse_answer(box, extraction), box
+    if extraction == "lighteval":
+        parsed = _parse_lighteval(body)
+        return parsed, (str(parsed[-1]) if parsed else None)
     parsed = parse(body, LIGHTEVAL_TARGETS, parsing_timeout=5 if _timeouts() else None)  # type: ignore[arg-type]
     return parsed, (str(parsed[-1]) if parsed else None)
 

@@ -6,7 +6,6 @@ through ``rewards.isolation.IsolatedRewards`` (a child process's main thread) or
 """
 from __future__ import annotations
 
-import functools
 import logging
 import re
 
@@ -29,11 +28,24 @@ def _text(completion) -> str:
     return completion if isinstance(completion, str) else str(completion)
 
 
-@functools.lru_cache(maxsize=4096)
+_GOLDS: dict[tuple[str, str], tuple] = {}
+_GOLDS_MAX = 4096
+
+
 def _parse_gold(gold: str, extraction: str = "last_box") -> tuple:
     # GRPO scores a group of completions against the same gold answer; parse it once. A tuple, so the cached
     # value cannot be mutated by a caller. normalize_gold: Minerva's `4.5e33`, `-1./3`, `np.arcsin(...)` as LaTeX.
-    return tuple(parse_answer(normalize_gold(gold), extraction))
+    # Only successful parses are kept: an empty one may be math-verify's parse timeout on a loaded machine, and
+    # remembering it would score that problem 0 for the rest of the process.
+    key = (gold, extraction)
+    if key in _GOLDS:
+        return _GOLDS[key]
+    parsed = tuple(parse_answer(normalize_gold(gold), extraction))
+    if parsed:
+        if len(_GOLDS) >= _GOLDS_MAX:
+            _GOLDS.pop(next(iter(_GOLDS)))  # oldest first
+        _GOLDS[key] = parsed
+    return parsed
 
 
 @register("math_verify")

