@@ -92,9 +92,10 @@ def _experiment(args) -> int:
 
     command = "reasonrl experiment " + " ".join(args.configs) + f" --out {args.out}" + \
         "".join(f" --set {o}" for o in args.overrides) + \
-        (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")
+        (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "") + \
+        (f" --sampled {args.sampled}" if args.sampled else "")
     try:
-        run_experiment(args.configs, Path(args.out), args.overrides, command, seeds=args.seeds)
+        run_experiment(args.configs, Path(args.out), args.overrides, command, seeds=args.seeds, sampled=args.sampled)
     except Exception as err:
         # rl.trainer (torch) is imported only once a run starts, not to report a bad config: looked up, not imported.
         trainer = sys.modules.get("rl.trainer")
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     experiment.add_argument("--seeds", type=int, nargs="+", metavar="S", help="train every config once per seed "
                             "(trainer.seed=S; the config's own seed in OUT/<name>, others in OUT/<name>-seed<S>) "
                             "and pool the report over them; put it after the configs")
+    experiment.add_argument("--sampled", type=int, default=0, metavar="K", help="after training, K sampled held-out "
+                            "responses per problem from the start and every final policy (training temperature and "
+                            "budget): avg@K, redundant steps per sample and the frontier from samples "
+                            "(accuracy_at_budget_sampled.png); reused when present")
     experiment.set_defaults(handler=_experiment)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):

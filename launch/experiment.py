@@ -21,6 +21,8 @@ from typing import NamedTuple
 import yaml
 
 from launch.experiment_report import build_report, end_eval, write_report
+from launch.experiment_sampled import run_sampled_evals, sampled_report
+from launch.experiment_steps import problem_rows
 from launch.run import load_training_config, train_run
 from rl.config.schema import Config, ConfigError, dump_config, load_config
 from rl.store.metrics import EVENTS_FILE
@@ -107,11 +109,16 @@ def _saved_config(path: Path) -> dict:
 
 
 def run_experiment(paths: list[str], out: Path, overrides: list[str] = (), command: str = "",
-                   seeds: list[int] | None = None) -> dict:
-    """Train (or reuse) every planned run, then report; returns the report (results.json plus private keys)."""
+                   seeds: list[int] | None = None, sampled: int = 0) -> dict:
+    """Train (or reuse) every planned run, then report; returns the report (results.json plus private keys).
+    `sampled` K > 0: also K sampled held-out responses per problem from the start and every final policy
+    (launch.experiment_sampled); sampled responses already in the folders are reported either way."""
+    if sampled < 0:
+        raise ConfigError(f"--sampled must be >= 0, got {sampled}")
     plan = plan_runs(paths, out, list(overrides), seeds)  # every config valid before the first one trains
     command = command or ("reasonrl experiment " + " ".join(paths) + f" --out {out}"
-                          + (" --seeds " + " ".join(map(str, seeds)) if seeds else ""))
+                          + (" --seeds " + " ".join(map(str, seeds)) if seeds else "")
+                          + (f" --sampled {sampled}" if sampled else ""))
     done: list[PlannedRun] = []
     for i, run in enumerate(plan):
         label = f"{run.method} (seed {run.seed})" if seeds else run.method
@@ -127,6 +134,9 @@ def run_experiment(paths: list[str], out: Path, overrides: list[str] = (), comma
             write_report(build_report((r.method, r.cfg) for r in done), out, command)
             print(f"partial report (seeds {', '.join(str(s) for s in dict.fromkeys(r.seed for r in done))}) in "
                   f"{out}", flush=True)
+    if sampled:
+        run_sampled_evals([(r.method, r.seed, r.cfg) for r in done], out, sampled)
     report = build_report((r.method, r.cfg) for r in done)
+    report["sampled"] = sampled_report([(r.method, r.cfg) for r in done], out, problem_rows(plan[0].cfg))
     print(write_report(report, out, command))
     return report

@@ -18,6 +18,7 @@ import numpy as np
 
 from eval.budget import accuracy_at_budget
 from eval.stats import bootstrap_ci, paired_difference_ci, paired_ratio_ci
+from launch.experiment_sampled import markdown_sampled
 from launch.experiment_steps import markdown_steps, redundancy_curves, steps_report
 from rl.config.schema import Config
 from rl.store.metrics import EVENTS_FILE, METRICS_FILE, read_metrics
@@ -177,11 +178,16 @@ def write_report(report: dict, out: Path, command: str) -> str:
 
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_report(report, command)
+    if report.get("sampled"):
+        table += "\n".join(markdown_sampled(report["sampled"])) + "\n"
     (out / "results.md").write_text(table)
     public = {**report, "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["runs"]]}
     (out / "results.json").write_text(json.dumps(public, indent=1))
     plot(report["runs"], out / "compression.png")
     plot_frontier(report["accuracy_at_budget"], "held-out (end of training)", out / "accuracy_at_budget.png")
+    if report.get("sampled"):
+        plot_frontier(report["sampled"]["accuracy_at_budget"], f"held-out, {report['sampled']['k']} samples per "
+                      "problem (end of training)", out / "accuracy_at_budget_sampled.png")
     if report.get("redundancy_curves"):
         plot_curves(report["redundancy_curves"], out / "redundancy_curves.png")
     return table

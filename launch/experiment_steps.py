@@ -25,7 +25,7 @@ from rl.store.metrics import METRICS_FILE, read_metrics
 CURVE_KEY = "reward/testbed_redundancy"  # per-step mean redundancy rate of the training samples
 
 
-def _problem_rows(cfg: Config) -> dict[str, dict] | None:
+def problem_rows(cfg: Config) -> dict[str, dict] | None:
     path = Path(cfg.data.eval or "")
     if path.suffix != ".jsonl" or not path.is_file():
         return None
@@ -85,7 +85,7 @@ def steps_report(runs: list[tuple[str, Config]]) -> dict | None:
     """The steps section of an experiment report; None when the held-out rows are not testbed rows."""
     if not runs:
         return None
-    rows = _problem_rows(runs[0][1])
+    rows = problem_rows(runs[0][1])
     if rows is None:
         return None
     loaded = []

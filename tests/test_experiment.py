@@ -227,8 +227,9 @@ def test_experiment_with_seeds_reuses_finished_runs_and_writes_both_tables(tmp_p
     assert capsys.readouterr().out.count("reusing the finished run") == 4
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) == {"reference", "seeds", "runs", "pooled", "budget", "accuracy_at_budget", "steps",
-                          "redundancy_curves"}
+                          "redundancy_curves", "sampled"}
     assert saved["steps"] is None  # arith held-out rows: no step counts
+    assert saved["sampled"] is None  # no --sampled, no samples in the folders
     assert saved["seeds"] == [0, 1] and len(saved["runs"]) == 4 and len(saved["pooled"]) == 2
     table = (tmp_path / "results.md").read_text()
     assert "--seeds 0 1" in table and "Pooled over seeds" in table and "| 0, 1 (2) |" in table

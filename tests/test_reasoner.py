@@ -160,6 +160,23 @@ def test_two_rl_steps_of_a_testbed2_config_from_a_tiny_reasoner(testbed2, tmp_pa
     assert all(np.isfinite(r["loss"]) for r in steps)
     assert (tmp_path / "run" / "checkpoint-final" / "tokenizer.json").is_file()
 
+    # `reasonrl experiment --sampled 2` on this run: the start and the final policy answer every held-out problem
+    # twice through `reasonrl eval`, at the training temperature and budget, with step counts on each sample.
+    from launch.experiment_sampled import RUN_DIR, START_DIR, run_sampled_evals, sampled_report
+    from launch.experiment_steps import problem_rows
+
+    run_sampled_evals([("testbed2_fgo_std", 0, cfg)], tmp_path, 2)
+    path = tmp_path / "run" / RUN_DIR / "samples" / "heldout.jsonl"
+    samples = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(samples) == 8 and {r["sample"] for r in samples} == {0, 1}
+    assert all("redundant_steps" in r and r["tokens"] <= 24 for r in samples)
+    assert (tmp_path / START_DIR / "samples" / "heldout.jsonl").is_file()
+    settings = json.loads((tmp_path / "run" / RUN_DIR / "eval_config.json").read_text())
+    assert settings["temperature"] == cfg.rollout.temperature and settings["max_new_tokens"] == 24
+    assert settings["system_prompt"] == cfg.data.system_prompt
+    rep = sampled_report([("testbed2_fgo_std", cfg)], tmp_path, problem_rows(cfg))
+    assert rep["k"] == 2 and rep["runs"][0]["avg_at_k"] == pytest.approx(np.mean([r["correct"] for r in samples]))
+
 
 def _solution(a, op, b, kinds):
     """A 3-digit sum's solution holding the redundant kinds named (restate, other_route, estimate, final_check)."""
