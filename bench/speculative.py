@@ -3,6 +3,8 @@ forward, generation seconds and tokens/s per drafter, through the rollout worker
 
     nice -n 19 python bench/speculative.py --model tiny:llama --prompts 2 --group 2 --max-new-tokens 16 --rounds 1
     python bench/speculative.py --model bundled:smollm2-135m-instruct --rounds 3 --out bench/results/speculative.json
+    python bench/speculative.py --model runs/testbed2_starts/0.8 --data runs/testbed2/heldout.jsonl \
+        --config configs/testbed2_grpo.yaml --max-new-tokens 224 --rounds 3
 
 Variants: `plain` (the worker's default backend: transformers `generate`, shared prefill, inverse-CDF sampler) and
 one per `--drafters` entry (`ngram`, `model` with --draft-model), each as `rollout.speculative` configures it
@@ -44,12 +46,26 @@ def prompts(tok, n: int) -> list[str]:
     return [f"Question: {r}\nAnswer step by step:" for r in rows]
 
 
+def data_prompts(tok, path: str, config: str | None, n: int) -> list[str]:
+    """The first n problems of a JSONL, rendered as training renders them (chat template, the run's system prompt)."""
+    from rl.config.schema import DataConfig, load_config
+    from rl.data.loading import render_prompt
+
+    data = load_config(config, [], check_environment=False).data if config else DataConfig()
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()][:n]
+    return [render_prompt(tok, r["problem"], data.system_prompt, data.prompt_suffix) for r in rows]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
     ap.add_argument("--drafters", default="ngram", help="comma-separated: ngram, model")
     ap.add_argument("--draft-model", default=None, help="model spec for drafter `model` (e.g. tiny:llama)")
     ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--data", default=None, help="a JSONL of rows with `problem` (e.g. runs/testbed2/heldout.jsonl): "
+                    "its first --prompts problems instead of the built-in word problems")
+    ap.add_argument("--config", default=None, help="a run config whose system prompt and suffix frame --data (the "
+                    "prompt the policy was trained on)")
     ap.add_argument("--group", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -83,7 +99,8 @@ def main() -> int:
             draft = load_policy(resolve_model(args.draft_model)).eval()
         variants[name] = SpeculativeConfig(drafter=name, draft_model=args.draft_model if name == "model" else None,
                                            **overrides)
-    texts = prompts(worker.tokenizer, args.prompts)
+    texts = (data_prompts(worker.tokenizer, args.data, args.config, args.prompts) if args.data
+             else prompts(worker.tokenizer, args.prompts))
     params = SamplingParams(n=args.group, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size)
     names, runs = list(variants), []

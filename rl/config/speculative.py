@@ -42,12 +42,23 @@ class SpeculativeConfig(Section):
     probe_every: int = Field(8, ge=1, description="While the rule says plain decoding, still speculate every N-th "
                              "step so the acceptance estimate follows the policy.")
 
+    distill_every: int = Field(0, ge=0, description="drafter `model`: every N generate calls, train the draft model "
+                               "on the policy's latest samples (TLT's online drafter: cross-entropy on the policy's "
+                               "sampled tokens), so acceptance follows the policy as RL moves it. 0: the draft stays "
+                               "as loaded. Training the draft never changes what is sampled, only how fast.")
+    distill_steps: int = Field(4, ge=1, description="Optimiser steps per distillation round.")
+    distill_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the draft model.")
+    distill_buffer: int = Field(512, ge=1, description="Latest sampled sequences kept to distil on.")
+    distill_batch: int = Field(16, ge=1, description="Sequences per distillation step.")
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min: {self.ngram_min} exceeds ngram_max {self.ngram_max}")
         if self.drafter == "model" and not self.draft_model:
             raise ValueError("draft_model: drafter `model` needs a draft model (a spec as for model.path)")
+        if self.distill_every and self.drafter != "model":
+            raise ValueError(f"distill_every: only the `model` drafter trains (drafter is `{self.drafter}`)")
         if self.draft_model and self.drafter != "model":
             raise ValueError(f"draft_model: only used by drafter `model` (drafter is `{self.drafter}`)")
         return self

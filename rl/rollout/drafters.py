@@ -9,7 +9,8 @@ drafter is a point mass, q(x) = 1). Two implementations:
   what followed it. No model, no forward; it wins where chains of thought copy the problem or repeat themselves.
 - `ModelDrafter`: a small causal LM with the policy's vocabulary (Leviathan et al. 2023), sampling its drafts from
   its own temperature / top-k / top-p shaped distribution, with its own KV cache rolled back like the policy's.
-  TLT (Taming the Long Tail, 2025) trains such a drafter online on the policy's rollouts; that training is not here.
+  TLT (Taming the Long Tail, 2025) trains such a drafter online on the policy's rollouts: rl/rollout/draft_training.py
+  (`rollout.speculative.distill_every`).
 """
 from __future__ import annotations
 

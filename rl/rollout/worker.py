@@ -9,7 +9,6 @@ end-of-turn token generated, rl.rollout.stops; `length`: budget exhausted).
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,18 +63,26 @@ class RolloutWorker:
             from rl.models import resolve_model
 
             self.draft_model = load_policy(resolve_model(self.speculative.draft_model), dtype, self.device).eval()
+        self.distiller = None
+        if self.speculative.distill_every:
+            from rl.rollout.draft_training import DraftDistiller
+
+            s = self.speculative
+            self.distiller = DraftDistiller(self.draft_model, s.distill_every, s.distill_steps, s.distill_lr,
+                                            s.distill_buffer, s.distill_batch, self.tokenizer.pad_token_id or 0)
 
     def ping(self) -> dict:
-        return {"pid": os.getpid(), "node": _node_id(), "weights_version": self.weights_version}
+        return {"pid": os.getpid(), "node": _node_id(), "weights_version": self.weights_version,
+                "draft_version": self.distiller.version if self.distiller is not None else 0}
 
     @torch.no_grad()
     def load_weights(self, state: dict[str, np.ndarray], version: int) -> int:
         """Load a learner state dict sent as numpy arrays (read zero-copy from Ray's object store)."""
         # The arrays are read-only views of shared memory; load_state_dict copies, so wrapping them is safe
         # (torch warns about non-writable arrays regardless).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+        from rl.rollout.vllm_support import wire_tensor  # bf16 arrives as int16 bits (Engine.get_weights)
+
+        tensors = {k: wire_tensor(v) for k, v in state.items()}
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         tied = {k for k in missing if k.endswith("lm_head.weight")} if self.model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
@@ -116,6 +123,8 @@ class RolloutWorker:
         if self.speculative.enabled:  # both backends: rl/rollout/speculative.py decodes
             for start in range(0, len(expanded), params.batch_size):
                 self._generate_speculative(expanded[start:start + params.batch_size], params, out)
+            if self.distiller is not None:  # after sampling: the draft learns from what the policy just wrote
+                self.distiller.observe(out.prompt_ids, out.response_ids)
             return out
         if self.backend == "continuous":
             self._generate_continuous(expanded, params, seed, out)

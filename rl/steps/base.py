@@ -133,6 +133,10 @@ def rollout_metrics(batch: RolloutBatch, scored: ScoredBatch) -> dict:
     }
     for name, vals in scored.result.scores.items():
         row[f"reward/{name}"] = sum(vals) / len(vals)
+    # Speculative rollouts: how much drafting paid this step (absent when nothing was speculated).
+    spec = batch.speculation_stats()
+    if spec:
+        row["spec_acceptance_rate"], row["spec_tokens_per_forward"] = spec["acceptance_rate"], spec["tokens_per_forward"]
     return row
 
 
