@@ -7,8 +7,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from rl.cluster.session import init_ray, shutdown
 
 from rl.scoring.group import RewardGroup
@@ -20,7 +18,7 @@ from rl.data.preference import local_logps, preference_metrics, rollout_pairs, w
 from rl.data.prompts import eval_source, prepare_prompts, sampling_params
 from rl.scoring.score import score_configured
 from rl.steps.preference import read_pairs
-from rl.seeds import derive_seed
+from rl.seeds import derive_seed, numpy_rng
 
 log = logging.getLogger("reasonrl")
 
@@ -49,7 +47,7 @@ def build_preference_set(cfg: Config, out_dir: str, train_prompts: int, eval_pro
             batch = groups[0].generate(prompts, sampling_params(cfg, n=G),
                                        seed=derive_seed(cfg.trainer.seed, "rollout", 0 if name == "train" else 1))
             correct = score_configured(groups[1], cfg, rows, batch, G).correct
-            rng = np.random.default_rng([cfg.trainer.seed & (2**63 - 1), 0 if name == "train" else 1])
+            rng = numpy_rng(cfg.trainer.seed, 0 if name == "train" else 1)
             pairs, counts = rollout_pairs(batch, correct, G, cfg.algorithm.todo, True, rng)
             system = [{"role": "system", "content": d.system_prompt}] if d.system_prompt is not None else []
             out_rows = []

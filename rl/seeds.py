@@ -7,10 +7,15 @@ meet for any realistic run length; they are the values the project has always us
 """
 from __future__ import annotations
 
+import numpy as np
+
 _STEP = 100_003  # rollout seeds: trainer.seed * _STEP + step
 _ROUND = 1_000_003  # an extra draw round of the same step (dynamic sampling)
 _HELD_OUT = 7_919  # held-out evaluation after `step`
 _WORKER = 1_000  # one rollout worker's share of a generate call
+# numpy streams (numpy_rng): the key that names the purpose, after the seed and any position keys.
+GDRO_KEY = 0x6D647230  # Prompt-GDRO's sampler
+PAIRS_KEY = 5  # online preference pairs of a step
 
 
 def derive_seed(seed: int, purpose: str, step: int = 0, index: int = 0) -> int:
@@ -31,3 +36,9 @@ def derive_seed(seed: int, purpose: str, step: int = 0, index: int = 0) -> int:
 
 
 __all__ = ["derive_seed"]
+
+
+def numpy_rng(seed: int, *keys: int) -> np.random.Generator:
+    """A numpy generator for `seed` and integer keys (what it is for, where in the run). numpy wants non-negative
+    seeds: a negative one becomes its 64-bit two's complement, the identity for every seed >= 0."""
+    return np.random.default_rng([int(seed) & (2**64 - 1), *map(int, keys)])

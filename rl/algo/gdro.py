@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rl.seeds import GDRO_KEY, numpy_rng
+
 
 class DebiasedEma:
     """Bias-corrected exponential moving averages, one per key."""
@@ -181,7 +183,7 @@ class GdroSampler:
             raise ValueError("GdroSampler needs at least one row")
         self.rows, self.state = list(rows), state
         self.ids = [str(r["id"]) for r in self.rows]
-        self.rng = np.random.default_rng([int(seed) & (2**64 - 1), 0x6D647230])
+        self.rng = numpy_rng(seed, GDRO_KEY)
         self.draws = 0
         self.last_arms: list[int] = []  # the arm of each prompt of the last batch (the bandit's feedback goes there)
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from rl.seeds import numpy_rng
+
 log = logging.getLogger("reasonrl")
 
 
@@ -99,18 +101,13 @@ def generate_arith(difficulty: int, num_train: int, num_test: int, seed: int) ->
     if need > space:
         raise DataError(f"arith difficulty {difficulty} has only {space} distinct problems, but num_train + "
                         f"num_test = {need} were requested")
-    rng = np.random.default_rng([_seed(seed), difficulty])
+    rng = numpy_rng(seed, difficulty)
     exprs = _unique_problems(templates, need, rng)  # train first, then test from what train does not hold
     out: dict[str, list[dict]] = {}
     for split, chunk in (("train", exprs[:num_train]), ("test", exprs[num_train:])):
         out[split] = [{"id": f"arith-{split}-{i}", "problem": f"What is {e}?", "answer": str(_evaluate(e))}
                       for i, e in enumerate(chunk)]
     return out
-
-
-def _seed(seed: int) -> int:
-    # numpy seeds must be non-negative; this is the identity for every seed >= 0.
-    return int(seed) & (2**64 - 1)
 
 
 # -------------------------------------------------------------------------------------------------- loading
@@ -346,7 +343,7 @@ class PromptSampler:
     def _order_for(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
             n = len(self.rows)
-            self._order = (np.random.default_rng([_seed(self.seed), epoch]).permutation(n) if self.shuffle
+            self._order = (numpy_rng(self.seed, epoch).permutation(n) if self.shuffle
                            else np.arange(n))
             self._order_epoch = epoch
         return self._order

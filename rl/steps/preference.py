@@ -7,13 +7,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from rl.config.schema import ConfigError
 from rl.contracts import PreferencePair
 from rl.steps.pipeline import RolloutPipeline
 from rl.data.preference import load_pairs, preference_metrics, rollout_pairs, trainable
 from rl.steps.base import Run, Step, log_rollout_events, rollout_metrics
+from rl.seeds import PAIRS_KEY, numpy_rng
 
 PREFERENCE_PLOTS = ("loss", "margin", "train_tobt_acc")
 
@@ -116,7 +115,7 @@ class OnlinePreferenceStep(PreferenceStep):
         batch, _ = self.pipeline.rollout(step, rows)  # always on-policy (max_staleness is grpo/fgo only)
         t1 = time.perf_counter()
         scored = run.score(rows, batch, G)
-        rng = np.random.default_rng([cfg.trainer.seed & (2**63 - 1), step, 5])
+        rng = numpy_rng(cfg.trainer.seed, step, PAIRS_KEY)
         pairs, counts = rollout_pairs(batch, scored.correct, G, t, uses_ties(cfg), rng)
         t2 = time.perf_counter()
         row: dict = {}
