@@ -205,13 +205,22 @@ def stop(args) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type, ...]:
+    """What a job command reports in one line: an unreachable cluster, an unknown job id, and a cluster that refuses
+    the client's token (or its lack of one: Ray's AuthenticationError is none of the built-in kinds)."""
+    from ray.exceptions import AuthenticationError  # imported when a command runs; `reasonrl --help` imports this module
+
+    return ConnectionError, RuntimeError, ValueError, AuthenticationError
+
+
 def _one_line_errors(fn):
-    """An unreachable cluster or an unknown job id is the user's input: one line, exit 2 (no traceback)."""
+    """An unreachable cluster, an unknown job id or a refused token is the user's input: one line, exit 2 (no
+    traceback)."""
     def run_command(args) -> int:
         try:
             return fn(args)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            if isinstance(err, ConfigError):
+        except Exception as err:
+            if isinstance(err, ConfigError) or not isinstance(err, _user_errors()):
                 raise
             print(f"reasonrl {args.command}: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}",
                   file=sys.stderr)

@@ -36,7 +36,10 @@ def test_dynamic_sampling_with_rollout_gdro_and_gspo_resumes_without_replay_or_s
     # gives them different group sizes, which two reward workers must keep whole; prompt 1's group is constant.
     common = [f"trainer.output_dir={out}", "trainer.save_every=1", "data.arith.num_train=2",
               "algorithm.dynamic_sampling=true", "rollout.allocation=gdro", "reward.num_workers=2",
-              "algorithm.importance_sampling_level=sequence", "algorithm.loss_agg=seq-mean-token-mean", *QUIET,
+              "algorithm.importance_sampling_level=sequence", "algorithm.loss_agg=seq-mean-token-mean",
+              # Two optimizer steps per step: the second mini-batch is scored by weights the first one moved, so
+              # the ratio leaves 1 and GSPO's sequence-level clip has something to clip.
+              "algorithm.mini_batches=2", *QUIET,
               f"reward.functions=[{{fn: '{FIXTURE}:mostly_constant', weight: 1.0}}, {{fn: '{verdict}', weight: 0.0}}]",
               f"reward.accuracy={verdict}"]
     train(load_config(ROOT / "configs/tiny.yaml", [*common, "trainer.max_steps=2"]))
@@ -55,21 +58,35 @@ def test_dynamic_sampling_with_rollout_gdro_and_gspo_resumes_without_replay_or_s
     ds = {e["step"]: e for e in events if e["event"] == "dynamic_sampling"}
     assert sum(len(e["dropped"]) for e in ds.values()) > 0  # the fixture made some groups constant
     alloc = {e["step"]: e for e in events if e["event"] == "allocation"}
+    max_new = cfg.rollout.max_new_tokens
     for m in metrics:
         assert m["ds_groups_drawn"] == len(logged[m["step"]]) == m["ds_groups_kept"] + m["ds_groups_dropped"]
         assert m["ds_groups_kept"] == 2 or m["ds_capped"] == 1.0
-        assert m["time_generate_extra"] >= 0
-        # The generation cost counts the dropped draws too: at least one token per drawn sample (4 per group on
-        # average under Rollout-GDRO), more than the trained samples alone when a group was dropped.
-        assert m["generated_tokens"] >= 4 * m["ds_groups_drawn"]
-        ids = alloc[m["step"]]["ids"]
-        if m["ds_groups_kept"] and m["ds_groups_dropped"] and len(set(ids)) == len(ids):
-            kept_sizes = sum(n for i, n in zip(ids, alloc[m["step"]]["sizes"]) if i in ds[m["step"]]["kept"])
-            assert m["generated_tokens"] > m["response_tokens_mean"] * kept_sizes * (1 - 1e-9)
+        # Round one draws the 2 prompts of the step; an extra round (and its generation time) only when one was
+        # dropped, each extra round drawing at least one more group.
+        assert m["ds_rounds"] == ds[m["step"]]["rounds"] and (m["ds_rounds"] > 1) == (m["ds_groups_drawn"] > 2)
+        assert (m["time_generate_extra"] > 0) == (m["ds_rounds"] > 1)
+        # The random tiny model never ends a response (every one runs to max_new_tokens), so the generation cost,
+        # which counts the dropped draws too, is max_new_tokens per drawn sample: kept and dropped groups alike.
+        assert m["truncation_rate"] == 1.0 and m["response_tokens_mean"] == max_new
+        sizes, ids = alloc[m["step"]]["sizes"], alloc[m["step"]]["ids"]
+        assert len(ids) == m["ds_groups_drawn"]
+        assert m["generated_tokens"] == max_new * sum(sizes)
+        kept, dropped = set(ds[m["step"]]["kept"]), set(ds[m["step"]]["dropped"])
+        assert not kept & dropped  # (prompt 0 always varies, prompt 1 never: the kept samples are prompt 0's)
+        trained = sum(n for i, n in zip(ids, sizes) if i in kept)
+        if m["ds_groups_dropped"]:
+            assert m["generated_tokens"] > max_new * trained
         if m["ds_groups_kept"]:  # (none kept at the cap: no update)
             assert m["zero_adv_groups"] == 0.0
-            assert m["ratio_mean"] == 1.0  # on-policy: GSPO's ratio is exactly 1, as GRPO's
+            # Off-policy in the second mini-batch: the ratio moved off 1 ...
+            assert m["ratio_mean"] != pytest.approx(1.0, abs=1e-9)
+            # ... and GSPO's `sequence` level clips whole responses: the clipped tokens are a whole number of
+            # (max_new_tokens long) responses, which per-token ratios (`token` level) would not give.
+            clipped_responses = m["clip_fraction"] * trained
+            assert clipped_responses == pytest.approx(round(clipped_responses), abs=1e-6), (m["step"], m["clip_fraction"])
     assert any(m["grad_norm"] > 0 for m in metrics)
+    assert any(0 < m["clip_fraction"] < 1 for m in metrics)  # some responses clipped, not all
     allocations = [e for e in events if e["event"] == "allocation"]
     assert all(sum(e["sizes"]) == 4 * len(e["ids"]) and min(e["sizes"]) >= 2 for e in allocations)  # the budget
     # Pass rates 0.5 and 1.0: sqrt(p(1-p)) moves samples to the uncertain prompt (1.0 is floored at 0.95).

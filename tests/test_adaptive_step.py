@@ -132,6 +132,30 @@ def test_gdro_sampler_and_allocation_keep_the_budget_and_resume_exactly():
     assert sum(last[f"gdro/bin_{b}"] for b in range(5)) + last["gdro/unseen"] == len(ROWS)
     assert sum(last[f"gdro/q_{b}"] for b in range(6)) == pytest.approx(1.0)
     assert not math.isnan(last["pass_rate_mean"])
+    # Where the prompts land. FakeRun's constant prompts never pass (rate 0: bin 0); the varying ones pass their
+    # even-numbered samples (ceil(n/2)/n of n: 0.5-0.67, bins 2-3 of 5). Each step's histogram counts the prompts
+    # seen so far in those bins, and the rest unseen.
+    seen: set = set()
+    for ids, m in zip(drawn, rows):
+        seen |= set(ids)
+        varying = len(seen - CONSTANT)
+        assert (m["gdro/bin_0"], m["gdro/bin_1"], m["gdro/bin_2"] + m["gdro/bin_3"], m["gdro/bin_4"]) == \
+            (len(seen & CONSTANT), 0, varying, 0), (ids, m)
+        assert m["gdro/unseen"] == len(ROWS) - len(seen)
+    assert seen & CONSTANT and seen - CONSTANT  # both kinds were drawn
+    # Rollout-GDRO: a prompt's logged pass rate is its running rate (0 for a constant prompt), and an uncertain
+    # (varying) prompt gets more samples than a never-passing one drawn beside it.
+    compared = 0
+    for a in allocations:
+        known = [(i, n, r) for i, n, r in zip(a["ids"], a["sizes"], a["pass_rates"]) if r is not None]
+        for i, n, r in known:
+            assert (r == 0.0) if i in CONSTANT else (0.4 < r < 0.7), (i, r)
+        for i, n, r in known:
+            for j, m_, q in known:
+                if i not in CONSTANT and j in CONSTANT:
+                    assert n > m_, a
+                    compared += 1
+    assert compared > 0
     again, rows2, _, _ = _steps(cfg, range(2, 6), after_first)
     assert again == drawn[1:] and rows2 == rows[1:]
 

@@ -1,6 +1,8 @@
 """A quiet console: log lines are capped (math-verify logs whole adversarial answers), actors keep library progress
-bars and DeepSpeed's accelerator probe off, and a `reasonrl train` run prints none of them (slow)."""
+bars and DeepSpeed's accelerator probe off, and a `reasonrl train` run prints none of them: the fast tier's one
+real training run (about a minute) is the last test here."""
 import io
+import json
 import logging
 import os
 import re
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,19 +86,65 @@ def test_actors_get_progress_bars_off_and_deepspeed_told_the_accelerator(monkeyp
     assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == "0" and "DS_ACCELERATOR" not in env  # placement sets it per role
 
 
-@pytest.mark.slow
-def test_reasonrl_train_console_is_quiet(tmp_path):
+# One reasonrl log line: "<date> <time> reasonrl[.module]: message" (launch/cli.py's format, our loggers only).
+OWN_LOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} reasonrl(\.[\w.]+)?: ")
+# The run's own progress bar (rl/trainer.py): unit "step", with the key numbers. A library bar has another unit.
+OWN_BAR = re.compile(r"^\s*\d+%\|[^|]*\| \d+/\d+ \[[^\]]*(step/s|s/step)(, reward=[^\]]*)?\]$")
+
+
+def test_reasonrl_train_one_real_step_with_a_quiet_console(tmp_path):
+    """The fast tier's one real run: `reasonrl train` for 1 step of the tiny config (local Ray, a rollout worker, a
+    reward worker, a DeepSpeed learner rank, the weight sync, a checkpoint, held-out eval at start and end), about a
+    minute on 2 cores, so a change that breaks the loop fails `make test-fast`.
+
+    The console: stdout is the three held-out accuracy lines; stderr holds only reasonrl's own log lines (two) and
+    its progress bar; no line from a library logger, a Ray actor's forwarded output, or a library progress bar."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.models import load_policy, resolve_model
+
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
-                                                             "DS_ACCELERATOR", "RAY_ADDRESS")}
+                                                             "DS_ACCELERATOR", "RAY_ADDRESS", "REASONRL_LOG")}
     script = Path(sys.executable).parent / "reasonrl"
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "launch.cli"]
-    proc = subprocess.run([*cmd, "train", str(ROOT / "configs/tiny.yaml"), "trainer.max_steps=2",
-                           f"trainer.output_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1200)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-3000:]
-    for noise in ("Loading weights", "Writing model shards", "Setting ds_accelerator", "Setting accelerator to CPU"):
-        assert noise not in text, noise
-    # Progress bars redraw with \r: each redraw is a line on a terminal.
-    longest = max(re.split(r"[\r\n]", text), key=len)
-    assert len(longest) <= 600, longest[:300]
+    fixture = ROOT / "tests/fixtures/rewards.py"
+    run = tmp_path / "run"
+    proc = subprocess.run([*cmd, "train", str(ROOT / "configs/tiny.yaml"), "trainer.max_steps=1",
+                           "logging.plots=false", "logging.tensorboard=false", f"trainer.output_dir={run}",
+                           # a dense reward: the random model's groups vary, so the one step really updates
+                           f"reward.functions=[{{fn: '{fixture}:char_length'}}, {{fn: math_verify, weight: 0.0}}]"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    # The loop ran: one metrics row with a real update, a checkpoint, final weights that moved from the start.
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and rows[0]["grad_norm"] > 0 and rows[0]["zero_adv_groups"] == 0.0
+    assert rows[0]["reward"] > 0 and rows[0]["logprob_diff_mean"] < 1e-3
+    state = json.loads((run / "checkpoints/step-000001/trainer_state.json").read_text())
+    assert state["step"] == 1
+    start = load_policy(resolve_model("tiny:llama")).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(run / "checkpoint-final").state_dict()
+    assert start.keys() == final.keys()
+    moved = [k for k in start if not torch.equal(start[k], final[k])]
+    assert len(moved) > len(start) // 2, moved
+
+    # The console, line by line (a progress bar redraw with \r is a line on a terminal).
+    out = proc.stdout.splitlines()
+    assert len(out) == 3, proc.stdout
+    assert re.fullmatch(r"held-out accuracy at start: \d\.\d{3} \(n=4\)", out[0]), out
+    assert re.fullmatch(r"held-out accuracy at end: \d\.\d{3} \(n=4\)", out[1]), out
+    assert out[2].startswith("held-out accuracy: ") and out[2].endswith(f"({run})"), out
+    logs, bars = [], []
+    for line in re.split(r"[\r\n]", proc.stderr):
+        # a log line may follow a bar redraw on the same terminal line
+        for part in re.split(r"(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} )", line):
+            if not part.strip():
+                continue
+            if OWN_LOG.match(part):
+                logs.append(part)
+            else:
+                assert OWN_BAR.match(part), f"a console line that is not reasonrl's: {part[:300]!r}"
+                bars.append(part)
+    assert len(logs) == 2, logs
+    assert "training data" in logs[0] and "weight sync" in logs[1], logs
+    assert 1 <= len(bars) <= 4 and bars[-1].lstrip().startswith("100%|"), bars

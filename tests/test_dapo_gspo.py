@@ -72,37 +72,53 @@ class _Learner:
                 "logprob_diff_max": 0.0, "logprob_diff_tokens": 1.0, "tis_weight_sum": 0.0}
 
 
-def _update(cfg, finish_reason):
+def _step_run(cfg, finish, rewards):
+    """PolicyGradientStep.run end to end (rollout -> scoring -> the configured advantages -> filter -> learner) on
+    hand-made rollouts: one prompt per group of 4, sample i finishing with finish[i] and scoring rewards[i]."""
     from rl.contracts import RolloutBatch
     from rl.scoring.score import ScoredBatch
     from rewards.isolation import RewardResult
     from rl.steps.policy import PolicyGradientStep
 
-    n = len(finish_reason)
-    batch = RolloutBatch([[1]] * n, [[2, 3]] * n, [[-0.5, -0.5]] * n, [0.0] * n, list(finish_reason), ["ab"] * n)
-    scored = ScoredBatch([float(i) for i in range(n)], [0.0] * n, RewardResult({"r": [float(i) for i in range(n)]}))
+    def generate(prompts, params, seed):
+        out = RolloutBatch()
+        for i in range(len(prompts) * params.n):
+            out.append([1], [2, 3], [-0.5, -0.5], 0.0, finish[i], "ab")
+        return out
+
     learner = _Learner()
-    run = SimpleNamespace(cfg=cfg, learner=learner, sync=lambda: None, updated=lambda s: None,
+    run = SimpleNamespace(cfg=cfg, learner=learner, sync=lambda: None, updated=lambda s: None, generate=generate,
+                          score=lambda rows, batch, g: ScoredBatch(list(rewards), [0.0] * len(rewards),
+                                                                   RewardResult({"r": list(rewards)})),
                           metrics=SimpleNamespace(log_event=lambda *a: None))
     step = PolicyGradientStep(cfg)
-    step.pipeline = SimpleNamespace(settle=lambda: None)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:n]
-    row = step.update(run, 1, [{"prompt": "p"}], batch, scored, adv, {}, 0, time_generate=0.0, time_reward=0.0)
+    step.start(run)
+    row = step.run(run, 1, [{"prompt": "p", "id": f"q{g}"} for g in range(len(rewards) // 4)])
+    step.finish(run)
     return row, learner.calls
 
 
 def test_overlong_filter_masks_truncated_responses():
-    cfg = load_config(None, ["algorithm.overlong_filter=true", "logging.sample_every=0"])
-    row, calls = _update(cfg, ["stop", "length", "stop", "length"])
-    assert row["overlong_filtered"] == 2
-    # Only the finished responses reach the learner (so they alone make the loss and its token counts), with the
-    # advantages computed over the whole group.
-    assert [s.advantage for s in calls[0]] == [1.0, 0.5]
-    row, calls = _update(cfg, ["length"] * 4)
-    assert calls == [] and row["loss"] == 0.0 and row["grad_norm"] == 0.0  # nothing left: no update at all
-    off = load_config(None, ["logging.sample_every=0"])
-    row, calls = _update(off, ["stop", "length", "stop", "length"])
-    assert [s.advantage for s in calls[0]] == [1.0, -1.0, 0.5, -0.5] and "overlong_filtered" not in row
+    """Truncated responses leave the loss but their rewards stay in their group's baseline: group 0's two finished
+    responses (rewards 1 and 3) sit below the group mean 4 that the two truncated ones (6, 6) lift, so both train
+    with negative advantages; a baseline over the kept samples alone would give them -0.71 and +0.71."""
+    cfg = load_config(None, ["algorithm.overlong_filter=true", "logging.sample_every=0", "rollout.group_size=4"])
+    finish = ["stop", "length", "stop", "length"] + ["stop"] * 4
+    rewards = [1.0, 6.0, 3.0, 6.0, 0.0, 1.0, 2.0, 3.0]
+    row, calls = _step_run(cfg, finish, rewards)
+    assert row["overlong_filtered"] == 2 and len(calls) == 1 and len(calls[0]) == 6
+    std0 = math.sqrt((9 + 4 + 1 + 4) / 3)  # unbiased, over the whole group
+    std1 = math.sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3)
+    expected = [-3 / std0, -1 / std0] + [x / std1 for x in (-1.5, -0.5, 0.5, 1.5)]
+    assert [s.advantage for s in calls[0]] == pytest.approx(expected, rel=1e-5)
+    # Every response truncated: no update at all.
+    row, calls = _step_run(cfg, ["length"] * 8, rewards)
+    assert calls == [] and row["loss"] == 0.0 and row["grad_norm"] == 0.0 and row["overlong_filtered"] == 8
+    # Filter off: all 8 train, with the same advantages for the samples both runs keep.
+    off = load_config(None, ["logging.sample_every=0", "rollout.group_size=4"])
+    row, calls = _step_run(off, finish, rewards)
+    assert "overlong_filtered" not in row and len(calls[0]) == 8
+    assert [calls[0][i].advantage for i in (0, 2, 4, 5, 6, 7)] == pytest.approx(expected, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------- GSPO
@@ -160,6 +176,62 @@ def test_gspo_equals_grpo_on_policy(agg):
         assert torch.allclose(gspo[1], grpo[1], atol=1e-14), level
         assert float(gspo[2]["ratio_sum"]) == float(grpo[2]["ratio_sum"]) == 5.0
     assert grpo[1].abs().sum() > 0
+
+
+def test_the_configured_level_reaches_the_learners_loss():
+    """algorithm.importance_sampling_level goes config -> LearnerSetup -> the rank's Engine -> policy_update: with
+    old log-probs offset from the policy's (a stale batch), the learner's loss is policy_loss at the configured level,
+    and the levels give different losses there (on-policy they could not be told apart)."""
+    from rl.contracts import TrainSequence
+    from rl.learner.batch import pad_pairs, response_logprobs
+    from rl.learner.engine import Engine, LearnerSetup
+    from rl.learner.updates import plan_policy, policy_update
+    from rl.models import load_policy, load_tokenizer, resolve_model
+
+    tiny = resolve_model("tiny:llama")
+    model, pad = load_policy(tiny), load_tokenizer(tiny).pad_token_id
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 2000, (n,), generator=gen).tolist() for n in (3, 5, 4, 2)]
+    responses = [torch.randint(10, 2000, (n,), generator=gen).tolist() for n in (4, 2, 6, 3)]
+    adv = [1.0, -1.0, 0.5, -0.5]
+    with torch.no_grad():
+        batch = pad_pairs(prompts, responses, pad)
+        lp = response_logprobs(model, batch, 1.0)
+    # old = pi - offset, an offset that varies by token: the token and sequence ratios differ
+    offset = torch.tensor([[0.03 * ((i + j) % 3) - 0.02 for j in range(lp.shape[1])] for i in range(4)])
+    old = (lp - offset) * batch["response_mask"]
+
+    class Plain(Engine):  # the plain model in place of DeepSpeed's engine (the loss is what is compared)
+        lr = 0.0
+
+        def boundary(self, last):
+            pass
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            return 0.0
+
+    def learner_loss(level):
+        cfg = load_config(None, [f"algorithm.importance_sampling_level={level}", "algorithm.clip_low=0.01",
+                                 "algorithm.clip_high=0.02", "algorithm.loss_agg=seq-mean-token-mean",
+                                 "learner.micro_batch_size=4"])
+        engine = Plain(0, 1, tiny, LearnerSetup.of(cfg))  # the rank's own constructor: algo from the setup
+        engine.policy, engine.tokenizer = model, load_tokenizer(tiny)
+        seqs = [TrainSequence(p, r, old[i, :len(r)].tolist(), a)
+                for i, (p, r, a) in enumerate(zip(prompts, responses, adv))]
+        shards, plan = plan_policy(seqs, 1, 4, mini_batches=1, max_len=6, on_policy=False)
+        return policy_update(engine, shards[0], plan)["loss"], cfg.algorithm
+
+    losses = {}
+    for level in ("token", "sequence"):
+        losses[level], algo = learner_loss(level)
+        expected, _ = policy_loss(lp, old, torch.tensor(adv), batch["response_mask"], clip_low=algo.clip_low,
+                                  clip_high=algo.clip_high, loss_agg=algo.loss_agg, num_tokens=15, num_seqs=4,
+                                  max_len=6, importance_sampling_level=level)
+        assert losses[level] == pytest.approx(float(expected), rel=1e-5, abs=1e-7), level
+    assert abs(losses["sequence"] - losses["token"]) > 1e-3, losses
 
 
 def test_sequence_token_is_finite_next_to_padding_minus_inf():

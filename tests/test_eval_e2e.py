@@ -109,8 +109,15 @@ def test_in_training_benchmark_eval_is_logged_beside_training_metrics(tmp_path):
     # The logged token mean is the mean over the saved samples of that step (not just a plausible number).
     for r, folder in zip(rows, (step1, step2)):
         for bench in ("math500", "amc23"):
-            tokens = [json.loads(line)["tokens"] for line in _lines(folder / "samples" / f"{bench}.jsonl")]
+            records = [json.loads(line) for line in _lines(folder / "samples" / f"{bench}.jsonl")]
+            tokens = [x["tokens"] for x in records]
             assert r[f"eval/{bench}/tokens_mean"] == pytest.approx(sum(tokens) / len(tokens))
+            # ...and the accuracy that of the saved verdicts (avg@n: per problem, then over problems)
+            by_problem: dict = {}
+            for x in records:
+                by_problem.setdefault(x["problem_id"], []).append(bool(x["correct"]))
+            expected = sum(sum(v) / len(v) for v in by_problem.values()) / len(by_problem)
+            assert r[f"eval/{bench}/accuracy"] == pytest.approx(expected)
     # The saved evals are `reasonrl eval` folders: compare works on them directly.
     res = compare(step1, step2, tmp_path / "cmp", n_boot=200, plots=False)
     assert set(res["benchmarks"]) == {"math500", "amc23"} and res["benchmarks"]["amc23"]["problems"] == 2

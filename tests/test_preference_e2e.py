@@ -78,12 +78,20 @@ def test_offline_todo_two_ranks_and_pref_eval(tmp_path):
 
 
 def test_offline_resume_continues_the_pair_order(tmp_path):
+    """1 step, then resumed to 2: the pair order goes on, and step 2 trains from the saved weights and optimizer
+    state: its metrics are those of the same 2 steps run in one go (a resume from the start weights differs)."""
+    full = tmp_path / "full"
+    train(_offline(tmp_path, full, "trainer.max_steps=2", "data.eval_size=0", "trainer.save_every=0"))
     out = tmp_path / "run"
     train(_offline(tmp_path, out, "trainer.max_steps=1", "data.eval_size=0", "trainer.save_every=1"))
     resumed = train(load_config(out / "config.yaml", [f"trainer.output_dir={out}", "trainer.max_steps=2"]),
                     resume=True)
     assert resumed["start_step"] == 1 and "pref_eval_start" not in resumed
-    assert [m["step"] for m in _rows(out / "metrics.jsonl")] == [1, 2]
+    metrics, reference = _rows(out / "metrics.jsonl"), _rows(full / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [m["step"] for m in reference] == [1, 2]
+    for key in ("loss", "grad_norm", "margin", "pairs"):
+        assert [m[key] for m in metrics] == pytest.approx([m[key] for m in reference], rel=1e-4, abs=1e-6), key
+    assert abs(reference[1]["margin"]) > 0  # step 2's policy had moved from the reference: the weights matter
     state = json.loads((out / "checkpoints/step-000002/trainer_state.json").read_text())
     assert state["step"] == 2 and state["sampler"] == {"epoch": 1, "position": 0, "num_rows": 6}  # 2 x 3 pairs
 

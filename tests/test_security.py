@@ -57,6 +57,53 @@ def test_checkpoint_loader_refuses_any_class_outside_the_allow_list(tmp_path):
     assert marker.is_dir()
 
 
+def _real_engine_loads(root: str, queue) -> None:
+    """In a child process (DeepSpeed joins a one-rank gloo group): the learner rank's real Engine saves a checkpoint,
+    loads it back, then loads a copy whose DeepSpeed state file was crafted to run code when unpickled."""
+    import shutil
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from rl.config.schema import AlgorithmConfig, LearnerConfig
+    from rl.learner.engine import Engine, LearnerSetup
+    from rl.models import resolve_model
+    from tests.fixtures.fault_paths import RunsCode
+    from tests.ray_cluster import free_ports
+
+    root = Path(root)
+    engine = Engine(0, 1, resolve_model("tiny:llama"), LearnerSetup(LearnerConfig(zero_stage=0), AlgorithmConfig()))
+    engine.build("127.0.0.1", free_ports(1)[0])
+    engine.save_checkpoint(str(root / "good"))
+    engine.load_checkpoint(str(root / "good"))  # an honest checkpoint loads
+    shutil.copytree(root / "good", root / "crafted")
+    files = sorted((root / "crafted").rglob("*model_states.pt"))
+    state = torch.load(files[0], weights_only=False)
+    state["extra"] = RunsCode(str(root / "code-ran"))
+    torch.save(state, files[0])
+    try:
+        engine.load_checkpoint(str(root / "crafted"))
+        queue.put(("loaded", len(files)))
+    except Exception as e:  # noqa: BLE001
+        queue.put((type(e).__name__ + ": " + str(e)[:2000], len(files)))
+
+
+def test_the_real_engines_load_checkpoint_refuses_a_crafted_file(tmp_path):
+    """rl.learner.engine.Engine.load_checkpoint itself (DeepSpeed ZeRO-0 on the tiny model): a DeepSpeed state file
+    that names a callable is refused and the callable never runs."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_real_engine_loads, args=(str(tmp_path), queue))
+    proc.start()
+    try:
+        outcome, files = queue.get(timeout=600)
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    assert files == 1
+    assert outcome.startswith("UnpicklingError: Weights only load failed"), outcome
+    assert not (tmp_path / "code-ran").exists()
+
+
 # ------------------------------------------------------------------------------------- weight-sync group
 def _member(rank: int, port: int, queue) -> None:
     import psutil

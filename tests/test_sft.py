@@ -366,12 +366,19 @@ def test_sft_then_grpo_from_its_checkpoint(tmp_path, ray_session):
 @pytest.mark.slow
 def test_resume_continues_the_example_order(tmp_path, ray_session):
     """1 step (3 examples in 2 micro-batches), then resumed to 3: the examples of every step are the sampler's
-    seeded order, across the epoch boundary, with none replayed or skipped. (Ranks and stand-ins: above.)"""
+    seeded order, across the epoch boundary, with none replayed or skipped, and the resumed steps train from the
+    saved weights and optimizer state: their losses and gradient norms are those of the same 3 steps run in one go.
+    (Ranks and stand-ins: above.)"""
     rows = [{"id": f"row{i}", **r} for i, r in enumerate(_sums(5))]
     data = _jsonl(tmp_path / "train.jsonl", rows)
     out = tmp_path / "run"
+    # lr 1e-2: one step moves the tiny model enough that a resume from the wrong weights shows in the next loss.
     common = [f"trainer.output_dir={out}", "algorithm.name=sft", f"data.train={data}", "data.eval_size=0",
-              "algorithm.sft.examples_per_step=3", "learner.micro_batch_size=2", "logging.progress=false"]
+              "algorithm.sft.examples_per_step=3", "learner.micro_batch_size=2", "learner.lr=1e-2",
+              "logging.progress=false"]
+    full = tmp_path / "full"
+    train_sft(load_config(ROOT / "configs/tiny.yaml", [*common, "trainer.max_steps=3", f"trainer.output_dir={full}",
+                                                       "trainer.save_every=0"]))
     train_sft(load_config(ROOT / "configs/tiny.yaml", [*common, "trainer.max_steps=1"]))
     resumed = train_sft(load_config(out / "config.yaml", [f"trainer.output_dir={out}", "trainer.max_steps=3"]),
                         resume=True)
@@ -382,6 +389,10 @@ def test_resume_continues_the_example_order(tmp_path, ray_session):
     metrics = _rows(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3] and [m["epoch"] for m in metrics] == pytest.approx([0.6, 1.2, 1.8])
     assert all(m["examples"] == 3 and math.isfinite(m["loss"]) for m in metrics)
+    reference = _rows(full / "metrics.jsonl")
+    assert [m["step"] for m in reference] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "tokens"):
+        assert [m[key] for m in metrics] == pytest.approx([m[key] for m in reference], rel=1e-4, abs=1e-6), key
     state = json.loads((out / "checkpoints/step-000003/trainer_state.json").read_text())
     assert state["sampler"] == {"epoch": 1, "position": 4, "num_rows": 5}
 

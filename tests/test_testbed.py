@@ -124,7 +124,16 @@ def test_generate_writes_disjoint_seeded_files(tmp_path):
     assert row["minimal_tokens"] == len(minimal_solution(*parse_problem(row)).split()) + 1  # + EOS
     assert summary["tokens"]["sft_over_minimal"]["mean"] > 1.5 and summary["space"] == space_size(3)
     assert json.loads((tmp_path / "a" / "testbed.json").read_text())["settings"]["seed"] == 7
-    assert generate(tmp_path / "c", WordTokenizer(), seed=8, sft=300, train=100, heldout=50) != summary
+    # The documented default: 4-6 redundant steps per SFT solution (DEFAULT_MIN/MAX_REDUNDANT), counted on the file.
+    steps = [count_steps(r["prompt"], r["completion"]) for r in sft]
+    counts = Counter(c["redundant"] for c in steps)
+    assert set(counts) <= {4, 5, 6} and len(counts) > 1 and all(c["correct"] for c in steps), counts
+    assert summary["sft_redundant_steps"]["distribution"] == {str(k): n for k, n in sorted(counts.items())}
+    # Another seed at the same difficulty and sizes: other problems, other solutions (not just another summary).
+    generate(tmp_path / "c", WordTokenizer(), seed=8, difficulty=3, sft=300, train=100, heldout=50)
+    for name in ("sft.jsonl", "train.jsonl", "heldout.jsonl"):
+        a, c = ((tmp_path / d / name).read_text().splitlines() for d in ("a", "c"))
+        assert len(a) == len(c) and sum(x != y for x, y in zip(a, c)) > 0.9 * len(a), name
     with pytest.raises(ValueError, match="only 4095 distinct problems"):
         generate(tmp_path / "d", WordTokenizer(), difficulty=3, sft=4000, train=100, heldout=0)
 
@@ -190,5 +199,14 @@ def test_reasonrl_eval_on_the_held_out_file_reports_redundancy_and_the_frontier(
     assert len(records) == 3
     assert all({"redundant_steps", "necessary_steps", "minimal_tokens"} <= set(r) for r in records)
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["benchmarks"]["heldout"]
-    assert 0.0 <= m["redundancy_rate"] <= 1.0 and list(m["accuracy_at_budget"]) == ["64", "70"]
+    # The metrics are those of the saved records, whose step counts the counter gives on the saved responses.
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "tb" / "heldout.jsonl").read_text().splitlines())}
+    rates = []
+    for r in records:
+        c = count_steps(rows[r["problem_id"]], r["completion"])
+        assert (r["redundant_steps"], r["necessary_steps"]) == (c["redundant"], c["necessary"])
+        rates.append(c["redundancy_rate"])
+    assert m["redundancy_rate"] == pytest.approx(np.mean(rates))
+    assert m["accuracy"] == pytest.approx(np.mean([bool(r["correct"]) for r in records]))
+    assert list(m["accuracy_at_budget"]) == ["64", "70"]
     assert "redundancy rate %" in (tmp_path / "ev" / "results.md").read_text()
