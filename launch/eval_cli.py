@@ -32,7 +32,8 @@ def settings_from_args(args):
 
 def _eval(args) -> int:
     from eval.benchmarks import parse_benchmarks
-    from eval.runner import rescore, run_eval
+    from eval.rescore import rescore
+    from eval.runner import run_eval
     from rewards.isolation import cap_log_messages
 
     cap_log_messages(*logging.getLogger().handlers)  # verifier logs quote model output: no line of any length

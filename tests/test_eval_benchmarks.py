@@ -7,7 +7,8 @@ import pytest
 
 from eval import benchmarks
 from eval.benchmarks import BENCHMARKS, load_benchmark, parse_benchmarks, slug
-from eval.runner import complete_problems, locate_model, read_samples, rescore
+from eval.rescore import rescore
+from eval.runner import complete_problems, locate_model, read_samples
 from rl.config.schema import ConfigError
 from rl.data.loading import DataError
 from tests.shared_data import DATA, needs_shared_data

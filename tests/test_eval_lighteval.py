@@ -17,7 +17,8 @@ import math_verify.parser as math_verify_parser
 import pytest
 
 from eval.benchmarks import load_benchmark
-from eval.runner import EvalSettings, rescore
+from eval.rescore import rescore
+from eval.runner import EvalSettings
 from rewards.answers import _lighteval_boxed_content, split_think
 from rewards.math import math_verify
 from tests.shared_data import DATA, needs_shared_data

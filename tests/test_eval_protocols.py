@@ -11,7 +11,8 @@ import logging
 import pytest
 
 from eval.protocols import DEFAULT, PROTOCOLS, parse_samples
-from eval.runner import EvalSettings, _prompt, protocol_record, rescore
+from eval.rescore import rescore
+from eval.runner import EvalSettings, _prompt, protocol_record
 from launch.eval_cli import add_eval_commands, settings_from_args
 from rl.config.schema import ConfigError, load_config
 from tests.shared_data import DATA, needs_shared_data
