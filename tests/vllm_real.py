@@ -19,21 +19,12 @@ def build_model(out: Path) -> str:
     attention takes; tiny:llama's 16 it does not). Initialised wider than usual (std 0.25), so next-token logits
     are spread and greedy argmaxes have margins far above fp32 kernel differences: with the default 0.02 every
     logit is within ~0.3 and a random model's greedy path would hang on near-ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rl.models import load_tokenizer, resolve_model
+    from rl.models import load_tokenizer, resolve_model, save_random_llama
 
     tok = load_tokenizer(resolve_model("tiny:llama"))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                      tie_word_embeddings=True, initializer_range=0.25, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return save_random_llama(tok, out, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                             tie_word_embeddings=True, initializer_range=0.25)
 
 
 def learner_state(model, seed: int | None, scale: float = 0.1) -> dict[str, np.ndarray]:
