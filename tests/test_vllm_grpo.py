@@ -31,7 +31,11 @@ def test_two_grpo_steps_on_vllm_through_ray_with_matching_logprobs(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for r in rows:
-        assert r["logprob_diff_max"] <= 1e-3, r["logprob_diff_max"]  # vLLM vs learner, fp32 both
+        # vLLM vs learner, fp32 both; step 2 sampled from the weights step 1 synced. Typical: mean ~4e-6, max ~2e-5.
+        # The mean is the tight check (raw instead of processed log-probs, a wrong temperature or stale weights move
+        # every token by 1e-2 or more). The max gets room for one nucleus-boundary flip: a token whose cumulative
+        # probability sits within fp32 noise of top_p is inside the nucleus on one side and outside on the other,
+        # which moves that position's normaliser by about that token's probability (CI once saw a max of 2.8e-3).
+        assert r["logprob_diff_mean"] <= 1e-4, r["logprob_diff_mean"]
+        assert r["logprob_diff_max"] <= 2e-2, r["logprob_diff_max"]
         assert r["response_tokens_mean"] > 0 and r["grad_norm"] > 0
-    # step 2 sampled from the weights step 1 synced (the learner scored it against those): diff stays ~0
-    assert rows[1]["logprob_diff_mean"] <= 1e-4
