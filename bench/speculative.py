@@ -5,6 +5,7 @@ forward, generation seconds and tokens/s per drafter, through the rollout worker
     python bench/speculative.py --model bundled:smollm2-135m-instruct --rounds 3 --out bench/results/speculative.json
     python bench/speculative.py --model runs/testbed2_starts/0.8 --data runs/testbed2/heldout.jsonl \
         --config configs/testbed2_grpo.yaml --max-new-tokens 224 --rounds 3
+    python bench/speculative.py --drafters model --draft-model tiny:llama --distill-every 1 --rounds 8  # TLT's drafter
 
 Variants: `plain` (the worker's default backend: transformers `generate`, shared prefill, inverse-CDF sampler) and
 one per `--drafters` entry (`ngram`, `model` with --draft-model), each as `rollout.speculative` configures it
@@ -61,6 +62,8 @@ def main() -> int:
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
     ap.add_argument("--drafters", default="ngram", help="comma-separated: ngram, model")
     ap.add_argument("--draft-model", default=None, help="model spec for drafter `model` (e.g. tiny:llama)")
+    ap.add_argument("--distill-every", type=int, default=0, help="drafter `model`: train the draft online every N "
+                    "of its generate calls on the policy's samples (rollout.speculative.distill_every; TLT's drafter)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--data", default=None, help="a JSONL of rows with `problem` (e.g. runs/testbed2/heldout.jsonl): "
                     "its first --prompts problems instead of the built-in word problems")
@@ -98,7 +101,14 @@ def main() -> int:
                 ap.error("drafter `model` needs --draft-model")
             draft = load_policy(resolve_model(args.draft_model)).eval()
         variants[name] = SpeculativeConfig(drafter=name, draft_model=args.draft_model if name == "model" else None,
-                                           **overrides)
+                                           distill_every=args.distill_every if name == "model" else 0, **overrides)
+    distiller = None
+    if draft is not None and args.distill_every:
+        from rl.rollout.draft_training import DraftDistiller
+
+        s = variants["model"]
+        distiller = DraftDistiller(draft, s.distill_every, s.distill_steps, s.distill_lr, s.distill_buffer,
+                                   s.distill_batch, worker.tokenizer.pad_token_id or 0)
     texts = (data_prompts(worker.tokenizer, args.data, args.config, args.prompts) if args.data
              else prompts(worker.tokenizer, args.prompts))
     params = SamplingParams(n=args.group, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -108,12 +118,15 @@ def main() -> int:
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             worker.speculative, worker.draft_model = variants[name], draft
+            worker.distiller = distiller if name == "model" else None  # only the drafter's own calls train it
             t = time.perf_counter()
             out = worker.generate(texts, params, seed=args.seed + r)
             seconds = time.perf_counter() - t
             tokens = sum(out.tokens)
             row = {"round": r, "variant": name, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                    "stop_rate": out.finish_reason.count("stop") / len(out), **out.speculation_stats()}
+            if worker.distiller is not None:
+                row["draft_version"] = worker.distiller.version  # distillation rounds so far (after this call)
             runs.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 

@@ -117,3 +117,17 @@ def test_fgo_defaults_and_std_scaling_resolution():
         load_config(None, ["algorithm.name=fgo", "algorithm.fgo.entropy=full"])
     with pytest.raises(ConfigError, match=r"algorithm.fgo.alpah.*did you mean 'alpha'"):
         load_config(None, ["algorithm.fgo.alpah=1"])
+
+
+def test_vllm_speculative_config_is_refused_where_the_update_reads_rollout_logprobs():
+    """vLLM's speculative decoding returns wrong log-probs for some drafted tokens (tests/test_vllm_speculative.py),
+    so it is passed through only where the learner's own log-probs are pi_old."""
+    base = ["rollout.backend=vllm", "rollout.vllm={speculative_config: {method: ngram, num_speculative_tokens: 3}}"]
+    cfg = load_config(ROOT / "configs/tiny.yaml", base, check_environment=False)
+    assert cfg.rollout.vllm["speculative_config"]["method"] == "ngram"  # on-policy grpo: passed through
+    for extra, why in (("trainer.max_staleness=1", "trainer.max_staleness"), ("algorithm.mini_batches=2",
+                       "algorithm.mini_batches > 1"), ("algorithm.tis_cap=2.0", "algorithm.tis_cap"),
+                       ("algorithm.name=fgo", "fgo")):
+        with pytest.raises(ConfigError) as err:
+            load_config(ROOT / "configs/tiny.yaml", [*base, extra], check_environment=False)
+        assert "'rollout.vllm.speculative_config'" in str(err.value) and why in str(err.value)

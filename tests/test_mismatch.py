@@ -134,7 +134,14 @@ def test_logprob_mismatch_on_hand_made_values():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.float32)
     d = logprob_mismatch(learner, rollout, mask)
     assert float(d["sum"]) == pytest.approx(0.6) and float(d["max"]) == pytest.approx(0.5)
-    assert float(d["tokens"]) == 4  # the padded -9 does not count
+    assert float(d["tokens"]) == 4 and float(d["nonfinite"]) == 0  # the padded -9 does not count
+    # A NaN / inf rollout log-prob (an engine bug) is counted apart and kept out of sum, max and tokens.
+    broken = rollout.clone()
+    broken[0, 1], broken[1, 1] = float("nan"), float("nan")  # the second NaN is padding: not counted at all
+    broken[0, 2] = float("-inf")
+    d = logprob_mismatch(learner, broken, mask)
+    assert float(d["sum"]) == pytest.approx(0.1) and float(d["max"]) == pytest.approx(0.1)
+    assert float(d["tokens"]) == 2 and float(d["nonfinite"]) == 2
 
 
 class _Engine:

@@ -360,13 +360,17 @@ def tis_weights(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor
 
 def logprob_mismatch(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Training-inference mismatch of one micro-batch: |log pi_rollout - log pi_learner| over its response tokens,
-    as detached `sum`, `max` and `tokens` (summed / maxed over micro-batches and ranks by the caller)."""
+    as detached `sum`, `max` and `tokens` (summed / maxed over micro-batches and ranks by the caller). A rollout
+    log-prob that is not finite (an engine bug: vLLM 0.32's speculative decoding returns NaN for some drafted tokens)
+    is counted in `nonfinite` and left out of the others, so one NaN does not hide the size of the rest."""
     with torch.no_grad():
         valid = mask.bool()
-        diff = torch.where(valid, (learner_logprobs.float() - rollout_logprobs.float()).abs(),
+        finite = torch.isfinite(rollout_logprobs)
+        counted = valid & finite
+        diff = torch.where(counted, (learner_logprobs.float() - rollout_logprobs.float()).abs(),
                            torch.zeros_like(learner_logprobs, dtype=torch.float32))
         return {"sum": diff.sum(), "max": diff.max() if diff.numel() else diff.new_zeros(()),
-                "tokens": valid.sum().float()}
+                "tokens": counted.sum().float(), "nonfinite": (valid & ~finite).sum().float()}
 
 
 # ------------------------------------------------------------------------- preferences: TODO and DPO

@@ -338,6 +338,17 @@ class Config(Section):
             if self.weight_sync.mode != "object_store":
                 raise ValueError("rollout.backend: vllm loads weights through the object store; set "
                                  "weight_sync.mode: object_store")
+            a = self.algorithm
+            uses = [why for why, on in (("trainer.max_staleness", self.trainer.max_staleness),
+                                        ("algorithm.mini_batches > 1", a.mini_batches > 1),
+                                        ("algorithm.num_iterations > 1", a.num_iterations > 1),
+                                        ("algorithm.tis_cap", a.tis_cap is not None), ("fgo", a.name == "fgo")) if on]
+            if "speculative_config" in self.rollout.vllm and uses:
+                # Measured (tests/test_vllm_speculative.py): its samples and greedy outputs are right, but some
+                # drafted tokens come back with NaN or wrong log-probs, so only the learner's own may be used.
+                raise ValueError(f"rollout.vllm.speculative_config: vLLM 0.32's speculative decoding returns wrong "
+                                 f"log-probs for some drafted tokens, and {uses[0]} uses the rollout's log-probs; "
+                                 "use it only on-policy with one mini-batch and one iteration (grpo, no tis_cap)")
         # What this machine lacks (not the config's fault): an error for a run, a warning for `train --dry-run`,
         # which validates a GPU recipe on a machine without the GPU stack (context check_environment=False).
         if (info.context or {}).get("check_environment", True):

@@ -206,7 +206,7 @@ def policy_update(engine, shard: list[TrainSequence], plan: PolicyPlan) -> dict:
         _attach_ref_logprobs(engine, shard)
     totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0,
               "grad_norm": 0.0, "optimizer_steps": 0, "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0,
-              "logprob_diff_tokens": 0.0, "tis_weight_sum": 0.0}
+              "logprob_diff_tokens": 0.0, "logprob_nonfinite": 0.0, "tis_weight_sum": 0.0}
     for it in range(algo.num_iterations):
         for mb in range(mini_batches):
             seqs = [s for s in shard if s.mini_batch == mb]
@@ -236,6 +236,7 @@ def policy_update(engine, shard: list[TrainSequence], plan: PolicyPlan) -> dict:
                     diff = logprob_mismatch(logprobs.detach(), batch["old_logprobs"], mask)
                     totals["logprob_diff_sum"] += float(diff["sum"])
                     totals["logprob_diff_tokens"] += float(diff["tokens"])
+                    totals["logprob_nonfinite"] += float(diff["nonfinite"])
                     totals["logprob_diff_max"] = max(totals["logprob_diff_max"], float(diff["max"]))
             totals["grad_norm"] += engine.step()
             totals["optimizer_steps"] += 1

@@ -31,7 +31,7 @@ def advantages(cfg, scored: ScoredBatch, batch: RolloutBatch, sizes: list[int]) 
 # The learner statistics of a step that trained on nothing (rl.learner.updates.policy_update's keys).
 NO_UPDATE = {"loss": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0,
              "lr": float("nan"), "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0, "logprob_diff_tokens": 0.0,
-             "tis_weight_sum": 0.0}
+             "logprob_nonfinite": 0.0, "tis_weight_sum": 0.0}
 
 
 class PolicyGradientStep(Step):
@@ -101,7 +101,8 @@ class PolicyGradientStep(Step):
                    # Training-inference mismatch (rl.learner.updates.policy_update): ~0 when rollout and learner compute
                    # the same numbers, larger for an engine whose kernels or precision differ.
                    logprob_diff_mean=stats["logprob_diff_sum"] / max(1.0, stats["logprob_diff_tokens"]),
-                   logprob_diff_max=stats["logprob_diff_max"])
+                   logprob_diff_max=stats["logprob_diff_max"],
+                   logprob_nonfinite=stats["logprob_nonfinite"])  # rollout log-probs that were NaN / inf
         if cfg.algorithm.tis_cap is not None:
             row["tis_weight_mean"] = stats["tis_weight_sum"] / max(1.0, stats["tokens"])
         return row
