@@ -416,6 +416,8 @@ def test_zero3_run_syncs_bucket_by_bucket_and_logs_a_zero_mismatch_when_truncate
               "learner.micro_batch_size=2", "learner.lr=1e-3",
               "weight_sync.mode=collective", "weight_sync.bucket_mb=1", "trainer.watchdog_seconds=300",
               "rollout.top_p=0.8", "rollout.backend=continuous", "algorithm.tis_cap=2.0",
+              # Adam's eps at 1e-5 (DeepSpeed's default 1e-8): see the comparison below
+              "learner.deepspeed={optimizer: {params: {eps: 1.0e-5}}}",
               f"reward.functions=[{{fn: '{fixture}:char_length'}}]", f"reward.accuracy={fixture}:char_length"]
     zero3, zero0 = tmp_path / "zero3", tmp_path / "zero0"
     try:
@@ -433,11 +435,14 @@ def test_zero3_run_syncs_bucket_by_bucket_and_logs_a_zero_mismatch_when_truncate
     assert trained["model.embed_tokens.weight"].shape == (49152, 64)  # gathered, not a shard
     assert all(torch.isfinite(t).all() for t in trained.values())
 
-    # Both runs start from the same weights and draw the same step-1 rollouts (same seed). Both use torch AdamW in
-    # fp32 on gloo; with 2 ranks the gradient average is the same two-term sum, so what differs is rounding (where
-    # micro-batch gradients are accumulated, the clip norm summed over shards): ~1e-7 of a gradient. AdamW turns
-    # each gradient into an update of about lr (1e-3) per weight whatever its scale, so 1e-5 (1% of one update)
-    # allows the rounding many times over and still catches any weight that missed or doubled an update.
+    # Both runs start from the same weights and draw the same step-1 rollouts (same seed), both use torch AdamW in
+    # fp32 on gloo: what differs is rounding (where micro-batch gradients are accumulated, the learner's log-probs
+    # under gathered vs whole weights), ~1e-7 of the gradient terms, so up to ~1e-8 absolute in a gradient element.
+    # AdamW divides by |g| + eps: at DeepSpeed's eps 1e-8 an element whose terms cancel to |g| ~ 1e-8 turns that
+    # rounding into a third of an update (seen: 135 of 3.1M embedding elements, 3e-4 apart). At eps 1e-5 such an
+    # element's update is lr * g / eps, so rounding moves it by <= 1e-3 * 1e-8 / 1e-5 = 1e-6, while every element
+    # with a real gradient still steps by about lr (1e-3). 1e-5 (1% of one update) then catches a weight that missed,
+    # doubled or swapped an update (a stale or misassembled shard) and leaves the rounding 10x room.
     reference = AutoModelForCausalLM.from_pretrained(zero0 / "checkpoint-final").state_dict()
     start = load_policy(resolve_model("tiny:llama")).state_dict()
     assert trained.keys() == reference.keys() == start.keys()
