@@ -62,28 +62,72 @@ def test_cap_applies_to_formatted_arguments_and_leaves_short_messages_alone():
     assert second.endswith("short message")
 
 
-def test_actors_get_progress_bars_off_and_deepspeed_told_the_accelerator(monkeypatch):
+def _recorded_job() -> tuple[dict, bytes]:
+    """This driver's job as the GCS stores it (its job table: what the dashboard and `ray job` show to anyone who
+    reaches the cluster): (its runtime_env, the whole record as stored)."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    table = ray._private.state.state._connect_and_get_accessor().get_job_table(
+        skip_submission_job_info_field=True, skip_is_running_tasks_field=True)
+    mine = [raw for raw in table
+            if gcs_pb2.JobTableData.FromString(raw).job_id.hex() == ray.get_runtime_context().get_job_id()]
+    assert len(mine) == 1, len(table)
+    job = gcs_pb2.JobTableData.FromString(mine[0])
+    return json.loads(job.config.runtime_env_info.serialized_runtime_env or "{}"), mine[0]
+
+
+WORKER_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "DS_ACCELERATOR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+def test_actors_get_progress_bars_off_and_deepspeed_told_the_accelerator(monkeypatch, request):
+    """Two real local Ray sessions started by init_ray (no actor: one task is enough to see a worker's environment)."""
+    import ray
+
     import rl.cluster.session
+    from rl.cluster.auth import apply_auth_mode
     from rl.config.schema import load_config
 
-    seen = []
-    monkeypatch.setattr(rl.cluster.session.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(rl.cluster.session.ray, "init", lambda **kw: seen.append(kw))
+    @ray.remote
+    def worker_env():
+        return {k: os.environ.get(k) for k in WORKER_ENV}
+
+    # init_ray switches this process's Ray to token auth; later modules start Ray in the session's own mode.
+    before = os.environ.get("RAY_AUTH_MODE", "disabled")
+    request.addfinalizer(lambda: apply_auth_mode(before))
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "DS_ACCELERATOR", "RAY_AUTH_MODE", "RAY_OVERRIDE_JOB_RUNTIME_ENV",
                  "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so the test's end restores (or removes) each one...
+        monkeypatch.delenv(name)  # ...and absent, as for a user who set none of them
+    assert not ray.is_initialized()
     rl.cluster.session.init_ray(load_config(ROOT / "configs/tiny.yaml"))
-    env = seen[-1]["runtime_env"]["env_vars"]
-    assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and env["DS_ACCELERATOR"] == "cpu"
+    try:
+        seen = ray.get(worker_env.remote())
+        recorded, record = _recorded_job()
+    finally:
+        ray.shutdown()
+    assert seen["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and seen["DS_ACCELERATOR"] == "cpu"
     assert os.environ["DS_ACCELERATOR"] == "cpu"  # the driver, should it import DeepSpeed
-    # A local cluster defaults to token auth; the token is inherited from the driver's environment, never sent.
-    assert env["RAY_AUTH_MODE"] == os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) == 64
-    assert os.environ["RAY_AUTH_TOKEN"] not in repr(seen[-1])
+    # A local cluster defaults to token auth. The worker holds the run's token (inherited from the raylet, which the
+    # driver started with it in its environment); the job's runtime_env, which the GCS stores and shows, does not.
+    token = os.environ["RAY_AUTH_TOKEN"]
+    assert seen["RAY_AUTH_MODE"] == os.environ["RAY_AUTH_MODE"] == "token" and len(token) == 64
+    assert seen["RAY_AUTH_TOKEN"] == token
+    assert recorded["env_vars"]["RAY_AUTH_MODE"] == "token" and recorded["env_vars"]["DS_ACCELERATOR"] == "cpu"
+    assert token.encode() not in record
+
+    # The user's choice wins; a run with a GPU role leaves DS_ACCELERATOR to each role's actor options
+    # (rl.cluster.placement), so no worker of the job is told "cpu" wholesale. The job record is what the first
+    # session's worker was started with (checked above), so it is read alone here: no worker is started.
     monkeypatch.delenv("DS_ACCELERATOR")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's choice wins
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
     rl.cluster.session.init_ray(load_config(ROOT / "configs/tiny.yaml", ["rollout.num_gpus=1"]))
-    env = seen[-1]["runtime_env"]["env_vars"]
-    assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == "0" and "DS_ACCELERATOR" not in env  # placement sets it per role
+    try:
+        recorded, _ = _recorded_job()
+    finally:
+        ray.shutdown()
+    assert recorded["env_vars"]["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+    assert "DS_ACCELERATOR" not in recorded["env_vars"] and "DS_ACCELERATOR" not in os.environ
 
 
 # One reasonrl log line: "<date> <time> reasonrl[.module]: message" (launch/cli.py's format, our loggers only).

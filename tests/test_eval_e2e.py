@@ -84,40 +84,69 @@ def test_eval_writes_every_output_resumes_and_compares(tmp_path, capsys):
 
 
 def test_in_training_benchmark_eval_is_logged_beside_training_metrics(tmp_path):
+    """The run's policy is tests/answer_model.py (every response \\boxed{4} or \\boxed{5}, drawn per sample), so
+    the eval of a third benchmark, whose answers are 4, 5.0 and 7, is right on some samples and wrong on others:
+    accuracy, its interval and pass@k are then recomputed from the saved samples with something to get wrong (on
+    the random tiny model they are all 0, which a scorer marking everything wrong would reproduce)."""
+    import math
+
     from eval.compare import compare
+    from eval.stats import bootstrap_ci
     from launch.run import train_run  # builds the benchmark eval hook the trainer runs
     from rl.config.schema import load_config
+    from tests.answer_model import save_answer_model
 
     out = tmp_path / "run"
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"Question {i}?", "answer": a}) + "\n"
+                               for i, a in enumerate(["4", "5.0", "7"])))
+    benches = ("math500", "amc23", "answers")
     cfg = load_config(ROOT / "configs/tiny.yaml", [
-        f"trainer.output_dir={out}", "trainer.eval_every=1", "trainer.eval_benchmarks=[math500, amc23]",
-        "trainer.eval_limit=2", f"trainer.eval_data_dir={DATA}", "trainer.eval_at_start=false",
-        "trainer.eval_at_end=false", "logging.progress=false", "logging.plots=false", "trainer.save_every=0"])
+        f"model.path={save_answer_model(tmp_path / 'model')}",
+        f"trainer.output_dir={out}", "trainer.eval_every=1", f"trainer.eval_benchmarks=[math500, amc23, {answers}]",
+        "trainer.eval_limit=3", f"trainer.eval_data_dir={DATA}", "trainer.eval_samples=4", "trainer.eval_greedy=false",
+        "trainer.eval_at_start=false", "trainer.eval_at_end=false", "logging.progress=false", "logging.plots=false",
+        "trainer.save_every=0"])
     train_run(cfg)
     rows = [json.loads(line) for line in _lines(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        for bench in ("math500", "amc23"):
+        for bench in benches:
             assert 0 <= r[f"eval/{bench}/accuracy"] <= 1
             assert 1 <= r[f"eval/{bench}/tokens_mean"] <= cfg.rollout.max_new_tokens
         assert "loss" in r and "time_eval" in r
     events = [json.loads(line) for line in _lines(out / "events.jsonl")]
     evals = [e for e in events if e["event"] == "benchmark_eval"]
-    assert [(e["step"], e["benchmark"]) for e in evals] == [(1, "math500"), (1, "amc23"), (2, "math500"), (2, "amc23")]
+    assert [(e["step"], e["benchmark"]) for e in evals] == [(s, b) for s in (1, 2) for b in benches]
     step1, step2 = out / "eval" / "step-000001", out / "eval" / "step-000002"
-    assert len(_lines(step1 / "samples" / "math500.jsonl")) == 2
-    # The logged token mean is the mean over the saved samples of that step (not just a plausible number).
+    assert len(_lines(step1 / "samples" / "math500.jsonl")) == 12  # 3 problems x 4 samples
+    # Every logged number is that of the saved samples of its step (not just a plausible number).
     for r, folder in zip(rows, (step1, step2)):
-        for bench in ("math500", "amc23"):
+        for bench in benches:
             records = [json.loads(line) for line in _lines(folder / "samples" / f"{bench}.jsonl")]
             tokens = [x["tokens"] for x in records]
             assert r[f"eval/{bench}/tokens_mean"] == pytest.approx(sum(tokens) / len(tokens))
-            # ...and the accuracy that of the saved verdicts (avg@n: per problem, then over problems)
             by_problem: dict = {}
             for x in records:
                 by_problem.setdefault(x["problem_id"], []).append(bool(x["correct"]))
-            expected = sum(sum(v) / len(v) for v in by_problem.values()) / len(by_problem)
-            assert r[f"eval/{bench}/accuracy"] == pytest.approx(expected)
+            assert [len(v) for v in by_problem.values()] == [4, 4, 4]
+            # accuracy: avg@4, per problem, then over problems; its interval resamples problems (eval seed: 0)
+            per_problem = [sum(v) / len(v) for v in by_problem.values()]
+            assert r[f"eval/{bench}/accuracy"] == pytest.approx(sum(per_problem) / 3)
+            lo, hi = bootstrap_ci(per_problem, seed=cfg.trainer.seed)
+            assert (r[f"eval/{bench}/accuracy_lo"], r[f"eval/{bench}/accuracy_hi"]) == (pytest.approx(lo),
+                                                                                        pytest.approx(hi))
+            # pass@4 of 4 samples: the share of problems with at least one right sample
+            assert r[f"eval/{bench}/pass@4"] == pytest.approx(sum(map(any, by_problem.values())) / 3)
+            if bench == "answers":
+                # the verdicts themselves, from each saved response: its box holds the gold (5 equals 5.0)
+                assert all(x["completion"] in ("\\boxed{4}", "\\boxed{5}") for x in records)
+                assert [x["correct"] for x in records] == [float(x["extracted"]) == float(x["answer"])
+                                                           for x in records]
+                right = sum(map(sum, by_problem.values()))
+                assert 0 < right < 8 and not any(by_problem["q2"])  # right, wrong and never right (7)
+                assert lo <= r[f"eval/{bench}/accuracy"] < hi  # an interval with width, not [0, 0]
+                assert r[f"eval/{bench}/pass@4"] > r[f"eval/{bench}/accuracy"]
     # The saved evals are `reasonrl eval` folders: compare works on them directly.
     res = compare(step1, step2, tmp_path / "cmp", n_boot=200, plots=False)
-    assert set(res["benchmarks"]) == {"math500", "amc23"} and res["benchmarks"]["amc23"]["problems"] == 2
+    assert set(res["benchmarks"]) == set(benches) and res["benchmarks"]["amc23"]["problems"] == 3

@@ -324,38 +324,74 @@ def _has_step(path: Path) -> bool:
     return False
 
 
-def test_eval_records_are_scored_through_rl_scoring():
-    """eval.runner.generate_records: a RolloutBatch in, the training reward columns to the verifier, records out."""
-    from eval.runner import VERIFIER, EvalSettings, generate_records
+def test_eval_records_are_scored_through_rl_scoring(tmp_path):
+    """eval.runner.generate_records on a real model and the real verifier, without Ray: the rollout worker and the
+    reward worker (math-verify in its isolated child process) run in this process, behind the two calls the Ray
+    groups make to them. The model answers \\boxed{4} or \\boxed{5} (tests/answer_model.py), so the verdicts mix
+    right and wrong, and every number is recomputed from the saved sample file; a rescore of that file agrees."""
+    import math
+
+    from eval.metrics import benchmark_metrics
+    from eval.rescore import rescore
+    from eval.runner import SETTINGS_FILE, VERIFIER, EvalSettings, generate_records, read_samples, write_samples
+    from eval.stats import bootstrap_ci
     from rewards.isolation import RewardResult
-    from rl.contracts import RolloutBatch
+    from rl.rollout.worker import RolloutWorker
+    from rl.scoring.worker import RewardWorker
+    from tests.answer_model import save_answer_model
 
-    calls = {}
+    class Rollouts:  # RolloutGroup.generate's signature over one worker (the group adds Ray and the weight check)
+        def __init__(self, worker):
+            self.worker, self.weights = worker, []
 
-    class Rollouts:
         def generate(self, prompts, params, seed, weights=None):
-            calls["generate"] = (prompts, seed, weights)
-            batch = RolloutBatch()
-            for i, text in enumerate([r"\boxed{4}", "no", r"\boxed{3}", r"\boxed{6}"]):
-                batch.append([1], [7] * (i + 1), [], 0.0, "stop" if i else "length", text)
-            return batch
+            self.weights.append(weights)
+            return self.worker.generate(prompts, params, seed)
 
-    class Rewards:
+    class Rewards:  # RewardGroup.score's signature over one worker
+        def __init__(self, worker):
+            self.worker = worker
+
         def score(self, prompts, completions, columns, group_size):
-            calls["score"] = (prompts, columns, group_size)
-            return RewardResult(scores={VERIFIER: [1.0, 0.0, 0.0, 1.0]}, failures={VERIFIER: 0},
-                                timeouts={VERIFIER: 1})
+            return RewardResult(**self.worker.score(prompts, completions, columns))
 
-    rows = [{"id": "a", "problem": "2+2", "answer": "4", "level": 1},
-            {"id": "b", "problem": "3+3", "answer": "6", "level": 2}]
-    records, fails = generate_records(Rollouts(), Rewards(), rows, ["p0", "p1"],
-                                      EvalSettings(samples=2).sampling(), 11, "mini", weights="W")
-    assert calls["generate"] == (["p0", "p1"], 11, "W")
-    prompts, columns, k = calls["score"]
-    assert prompts == ["p0", "p0", "p1", "p1"] and k == 2
-    assert columns["answer"] == ["4", "4", "6", "6"] and columns["group_id"] == [0, 0, 1, 1]
-    assert columns["completion_tokens"] == [1, 2, 3, 4] and columns["level"] == [1, 1, 2, 2]
-    assert [(r["problem_id"], r["sample"], r["correct"], r["tokens"]) for r in records] == \
-        [("a", 0, True, 1), ("a", 1, False, 2), ("b", 0, False, 3), ("b", 1, True, 4)]
-    assert records[0]["extracted"] == "4" and records[0]["finish_reason"] == "length"
-    assert fails == {"verifier_failures": 0, "verifier_timeouts": 1}
+    rollouts = Rollouts(RolloutWorker(save_answer_model(tmp_path / "model"), num_threads=1))
+    rewards = Rewards(RewardWorker([{"fn": VERIFIER}], timeout=60))
+    rows = [{"id": "a", "problem": "2+2", "answer": "4"}, {"id": "b", "problem": "10/2", "answer": "5.0"},
+            {"id": "c", "problem": "3+4", "answer": "7"}]
+    settings = EvalSettings(samples=4, max_new_tokens=12, temperature=1.0)
+    try:
+        records, fails = generate_records(rollouts, rewards, rows, ["p0", "p1", "p2"], settings.sampling(), 11,
+                                          "mini", weights="W")
+    finally:
+        rewards.worker.rewards.close()
+    assert rollouts.weights == ["W"] and fails == {"verifier_failures": 0, "verifier_timeouts": 0}
+    out = tmp_path / "eval"
+    (out / "samples").mkdir(parents=True)
+    write_samples(out / "samples" / "mini.jsonl", records)
+    saved = read_samples(out / "samples" / "mini.jsonl")
+    assert [(r["problem_id"], r["sample"]) for r in saved] == [(p, s) for p in "abc" for s in range(4)]
+    assert all(r["completion"] in ("\\boxed{4}", "\\boxed{5}") and r["finish_reason"] == "stop" for r in saved)
+    # math-verify's verdict, recomputed from each saved response: the box holds the gold (5 equals 5.0)
+    assert [r["correct"] for r in saved] == [float(r["extracted"]) == float(r["answer"]) for r in saved]
+    by_problem = [[r["correct"] for r in saved if r["problem_id"] == p] for p in "abc"]
+    assert 0 < sum(map(sum, by_problem)) < 8 and not any(by_problem[2])  # right, wrong, and never right
+
+    m = benchmark_metrics(records, seed=0)
+    per_problem = [sum(c) / 4 for c in by_problem]
+    assert m["accuracy"] == pytest.approx(sum(per_problem) / 3) and 0 < m["accuracy"] < 1
+    assert m["accuracy_ci"] == list(bootstrap_ci(per_problem, seed=0))
+    assert m["accuracy_ci"][0] < m["accuracy"] < m["accuracy_ci"][1]
+    # unbiased pass@k: 1 - C(n - c, k) / C(n, k) per problem, averaged over problems
+    for k in (1, 2, 4):
+        expected = sum(1 - math.comb(4 - sum(c), k) / math.comb(4, k) for c in by_problem) / 3
+        assert m["pass_at_k"][str(k)] == pytest.approx(expected), k
+    assert m["pass_at_k"]["1"] == pytest.approx(m["accuracy"])
+    assert m["tokens"]["mean"] == sum(r["tokens"] for r in saved) / 12 and m["truncation_rate"] == 0.0
+
+    (out / SETTINGS_FILE).write_text(json.dumps({"model": "answer", "seed": 0, "benchmarks": {"mini": {}}}))
+    rescored = rescore(out, timeout=60)["mini"]
+    assert rescored["accuracy"] == m["accuracy"] and rescored["pass_at_k"] == m["pass_at_k"]
+    assert [r["correct"] for r in read_samples(out / "samples" / "mini.jsonl")] == [r["correct"] for r in saved]
+
+
