@@ -72,7 +72,7 @@ class StandInRun:
         self.cfg, self.events, self.trained = cfg, [], []
         self.sampler = step.make_sampler(ROWS)
         self.metrics = SimpleNamespace(log_event=lambda name, payload: self.events.append((name, payload)))
-        self.learner = SimpleNamespace(train=self._train)
+        self.learner = SimpleNamespace(train=self._train, train_preference=self._train_preference)
         self.weights = None
 
     def _train(self, sequences, mini_batches, max_len, on_policy=True):
@@ -81,6 +81,10 @@ class StandInRun:
         return {"loss": 0.25 * len(sequences), "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": n, "tokens": n,
                 "grad_norm": 1.0, "lr": 1e-4, "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0,
                 "logprob_diff_tokens": 1.0, "tis_weight_sum": 0.0}
+
+    def _train_preference(self, pairs):
+        self.trained.append([[p.prompt_ids, p.chosen_ids, p.rejected_ids, p.tie, p.kind, p.index] for p in pairs])
+        return {"loss": 0.5 * len(pairs), "margin": 0.0}
 
     def sync(self):
         pass
@@ -128,9 +132,13 @@ def stand_in() -> dict:
              "all_gdro_ds": ["algorithm.dynamic_sampling=true", "rollout.allocation=gdro", "data.sampler=gdro",
                              "rollout.gdro.max_group_size=7"],
              "ds_capped": ["algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_extra=0"]}
+    # The online preference step scores rollouts the same way (pairs instead of advantages).
+    extra.update(todo_online=["algorithm.name=todo", "algorithm.todo.online=true"],
+                 dpo_online=["algorithm.name=dpo", "algorithm.todo.online=true"])
     for name, overrides in extra.items():
         cfg = load_config(None, base + overrides)
         step = make_step(cfg)
+        step.held_out_pairs = []  # (what check() reads from algorithm.todo.eval_data: none here)
         run = StandInRun(cfg, step)
         step.start(run)
         rows, states = [], []
