@@ -352,7 +352,7 @@ def test_eval_records_are_scored_through_rl_scoring():
                                       EvalSettings(samples=2).sampling(), 11, "mini", weights="W")
     assert calls["generate"] == (["p0", "p1"], 11, "W")
     prompts, columns, k = calls["score"]
-    assert prompts == ["p0", "p0", "p1", "p1"] and k == 2
+    assert prompts == ["p0", "p0", "p1", "p1"] and k == [2, 2]  # one size per problem
     assert columns["answer"] == ["4", "4", "6", "6"] and columns["group_id"] == [0, 0, 1, 1]
     assert columns["completion_tokens"] == [1, 2, 3, 4] and columns["level"] == [1, 1, 2, 2]
     assert [(r["problem_id"], r["sample"], r["correct"], r["tokens"]) for r in records] == \
