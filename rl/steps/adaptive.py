@@ -36,9 +36,15 @@ class Rounds:
     samples: StepSamples
     arms: list  # per group: the Prompt-GDRO arm it came from (None: uniform sampler)
     pass_rates: list  # per group: the prompt's running pass rate when drawn (None: never rolled out before)
-    selection: Selection  # what the fill loop drew and kept (its counts and rounds go into the metrics)
     time_generate: list[float]  # per round
     time_reward: list[float]
+    selection: Selection | None = None  # what the fill loop drew and kept (its counts go into the metrics)
+
+    @classmethod
+    def concat(cls, parts: list["Rounds"], selection: Selection) -> "Rounds":
+        return cls(StepSamples.concat([p.samples for p in parts]), [x for p in parts for x in p.arms],
+                   [x for p in parts for x in p.pass_rates], [t for p in parts for t in p.time_generate],
+                   [t for p in parts for t in p.time_reward], selection)
 
 
 class AdaptivePolicyStep(PolicyGradientStep):
@@ -66,10 +72,8 @@ class AdaptivePolicyStep(PolicyGradientStep):
         return sqrt_allocation([self.gdro.pass_rate(row["id"]) for row in rows], len(rows) * r.group_size,
                                g.min_group_size, g.max_group_size or 2 * r.group_size, g.pass_rate_floor)
 
-    def _round(self, run: Run, step: int, k: int, index: int, rounds: list) -> list[float]:
-        """Draw, generate and score k more groups (appended to `rounds`); with dynamic sampling its group filter
-        runs right after scoring, since the fill loop counts what it left. Returns the groups' reward variances
-        (dynamic sampling only: nothing else reads them)."""
+    def _round(self, run: Run, step: int, k: int, index: int) -> Rounds:
+        """Draw k more prompts, generate their groups and score them."""
         rows = run.sampler.next_batch(k)
         arms = list(getattr(run.sampler, "last_arms", None) or [None] * k)
         sizes = self.sizes(rows)
@@ -85,32 +89,28 @@ class AdaptivePolicyStep(PolicyGradientStep):
         t1 = time.perf_counter()
         samples = StepSamples.build(rows, sizes, batch)
         score_samples(run, samples, batch)
-        a = self.cfg.algorithm
-        variances = drop_constant_groups(samples, a.dynamic_sampling_min_variance) if a.dynamic_sampling else []
         rates = [self.gdro.pass_rate(row["id"]) for row in rows]
-        rounds.append((samples, arms, rates, t1 - t0, time.perf_counter() - t1))
-        return variances
+        return Rounds(samples, arms, rates, [t1 - t0], [time.perf_counter() - t1])
 
     def draw(self, run: Run, step: int) -> Draw:
         """Generate and score until the step's groups are settled; its items are EVERY drawn prompt (kept or
         dropped) and its sampler state the one after the last of them, which is what the step's checkpoint must
         store. The scored rounds travel to `run` as the Draw's payload."""
         cfg, P = self.cfg, self.per_step
-        rounds: list[tuple] = []
-
-        def draw_groups(k: int) -> list[float]:
-            return self._round(run, step, k, len(rounds), rounds)
-
+        rounds: list[Rounds] = []
         a = cfg.algorithm
         if a.dynamic_sampling:
+            def draw_groups(k: int) -> list[float]:
+                rounds.append(self._round(run, step, k, len(rounds)))
+                # DAPO's group filter right after scoring: the fill loop counts the groups it left (same test).
+                return drop_constant_groups(rounds[-1].samples, a.dynamic_sampling_min_variance)
+
             selection = dynamic_sampling(draw_groups, P, a.dynamic_sampling_max_extra, a.dynamic_sampling_min_variance)
         else:
-            draw_groups(P)
+            rounds.append(self._round(run, step, P, 0))
             selection = Selection(kept=list(range(P)), rounds=1)
-        samples = StepSamples.concat([r[0] for r in rounds])
-        drawn = Rounds(samples, [x for r in rounds for x in r[1]], [x for r in rounds for x in r[2]], selection,
-                       [r[3] for r in rounds], [r[4] for r in rounds])
-        return Draw(samples.rows, run.sampler.state_dict(), drawn)
+        drawn = Rounds.concat(rounds, selection)
+        return Draw(drawn.samples.rows, run.sampler.state_dict(), drawn)
 
     # ------------------------------------------------------------------------------------------------- run
     def run(self, run: Run, step: int, draw: Draw) -> dict:
