@@ -158,7 +158,7 @@ def tiny() -> dict:
     from rl.trainer import train
 
     fixture = ROOT / "tests/fixtures/adaptive_rewards.py"
-    common = ["logging.progress=false", "logging.plots=false", "logging.tensorboard=false", "trainer.max_steps=3",
+    common = ["logging.progress=false", "logging.plots=false", "logging.tensorboard=false", "trainer.max_steps=2",
               "trainer.save_every=1", "data.arith.num_train=6",
               f"reward.functions=[{{fn: '{fixture}:mostly_constant', weight: 1.0}}, "
               f"{{fn: '{fixture}:odd_length', weight: 0.0}}, {{fn: boxed_format, weight: 0.1}}]",
@@ -174,7 +174,7 @@ def tiny() -> dict:
             metrics = [_clean(json.loads(x)) for x in (folder / "metrics.jsonl").read_text().splitlines()]
             events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines()]
             events = [{k: v for k, v in e.items() if k not in ("time",)} for e in events if e["event"] in EVENTS]
-            state = json.loads((folder / "checkpoints/step-000003/trainer_state.json").read_text())
+            state = json.loads((folder / "checkpoints/step-000002/trainer_state.json").read_text())
             out[name] = {"metrics": metrics, "events": events, "state": state}
             print(f"recorded {name}: {len(metrics)} steps", flush=True)
     return out
