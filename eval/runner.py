@@ -214,7 +214,7 @@ def generate_records(rollouts, rewards, rows: list[dict], prompts: list[str], pa
     Returns (one record per response, verifier failure counts)."""
     k = params.n
     batch = rollouts.generate(prompts, params, seed, weights=weights)
-    scored = score_batch(rewards, rows, prompts, batch, k, {verifier: 1.0}, verifier)
+    scored = score_batch(rewards, rows, prompts, batch, [k] * len(rows), {verifier: 1.0}, verifier)
     result, scores = scored.result, scored.result.scores[verifier]
     records = []
     for i, (text, tokens) in enumerate(zip(batch.text, batch.tokens)):

@@ -46,7 +46,7 @@ def build_preference_set(cfg: Config, out_dir: str, train_prompts: int, eval_pro
             prompts = [r["prompt"] for r in rows]
             batch = groups[0].generate(prompts, sampling_params(cfg, n=G),
                                        seed=derive_seed(cfg.trainer.seed, "rollout", 0 if name == "train" else 1))
-            correct = score_configured(groups[1], cfg, rows, batch, G).correct
+            correct = score_configured(groups[1], cfg, rows, batch, [G] * len(rows)).correct
             rng = numpy_rng(cfg.trainer.seed, 0 if name == "train" else 1)
             pairs, counts = rollout_pairs(batch, correct, G, cfg.algorithm.todo, True, rng)
             system = [{"role": "system", "content": d.system_prompt}] if d.system_prompt is not None else []

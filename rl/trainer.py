@@ -158,13 +158,14 @@ def run_loop(run: Run, step_kind: Step, eval_rows: list[dict], hooks, step_callb
         step_callback(start_step, None)
     for step in range(start_step + 1, cfg.trainer.max_steps + 1):
         t0 = time.perf_counter()
-        items, sampler_state = step_kind.draw(run, step)
+        drawn = step_kind.draw(run, step)  # a Draw: the step's items, the sampler state after them, its payload
+        items = drawn.items
         if items and isinstance(items[0], dict) and "id" in items[0]:
             # Which prompts each step trained on: a resumed run must neither replay nor skip any (tested).
             metrics.log_event("prompts", {"step": step, "ids": [r["id"] for r in items]})
-        row = step_kind.run(run, step, items)
+        row = step_kind.run(run, step, drawn)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            row["time_checkpoint"] = save(run, step_kind, step, sampler_state)
+            row["time_checkpoint"] = save(run, step_kind, step, drawn.sampler_state)
             saved_step = step
         row["time_step"] = time.perf_counter() - t0
         for hook in hooks:
@@ -195,7 +196,7 @@ def evaluate(run: Run, rows: list[dict], step: int) -> dict:
     cfg = run.cfg
     params = sampling_params(cfg, n=1, greedy=cfg.trainer.eval_greedy)
     batch = run.generate([r["prompt"] for r in rows], params, seed=derive_seed(cfg.trainer.seed, "held_out", step))
-    scored = run.score(rows, batch, 1)
+    scored = run.score(rows, batch, [1] * len(rows))
     correct, tokens = scored.correct, batch.tokens
     write_held_out_samples(run.out_dir, step, rows, batch, scored)
     # Per-problem outcomes travel with the summary (into events.jsonl) so intervals, paired differences, truncation

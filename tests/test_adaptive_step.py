@@ -10,7 +10,7 @@ from rewards.isolation import RewardResult
 from rl.config.schema import load_config
 from rl.contracts import RolloutBatch
 from rl.data.loading import PromptSampler
-from rl.scoring.score import ScoredBatch, group_sizes
+from rl.scoring.score import ScoredBatch
 from rl.steps import make_step
 from rl.steps.adaptive import AdaptivePolicyStep
 from rl.steps.policy import PolicyGradientStep
@@ -46,9 +46,9 @@ class FakeRun:
                 out.append([1, 2], [3] * (1 + (j + seed) % 3), [-0.1] * (1 + (j + seed) % 3), 0.5, "stop", f"{p}.{j}")
         return out
 
-    def score(self, rows, batch, group_size):
+    def score(self, rows, batch, sizes):
         total, correct, k = [], [], 0
-        for row, n in zip(rows, group_sizes(rows, group_size)):
+        for row, n in zip(rows, sizes):
             for j in range(n):
                 const = row["id"] in CONSTANT
                 total.append(1.0 if const else 0.1 * j + 0.01 * len(batch.response_ids[k]))
@@ -67,10 +67,10 @@ def _steps(cfg, steps, state=None):
     step.start(run)
     drawn, rows, saved = [], [], None
     for s in steps:
-        items, sampler_state = step.draw(run, s)
-        drawn.append([r["id"] for r in items])
-        rows.append({k: v for k, v in step.run(run, s, items).items() if not k.startswith("time_")})
-        saved = json.loads(json.dumps((sampler_state, step.state_dict())))  # what the step's checkpoint stores
+        draw = step.draw(run, s)
+        drawn.append([r["id"] for r in draw.items])
+        rows.append({k: v for k, v in step.run(run, s, draw).items() if not k.startswith("time_")})
+        saved = json.loads(json.dumps((draw.sampler_state, step.state_dict())))  # what the step's checkpoint stores
         if s == steps[0]:
             first = saved
     return drawn, rows, run, first

@@ -15,7 +15,17 @@ from rl.contracts import RolloutBatch
 from rl.learner.batch import pad_values
 from rl.scoring.score import ScoredBatch
 from rl.steps import make_step
-from rl.steps.policy import advantages
+from rl.steps.policy import advantages as step_advantages
+from rl.steps.samples import StepSamples
+
+
+def advantages(cfg, scored, batch, sizes):
+    """The policy step's estimator on records built from (scored, batch); each record gets its advantage."""
+    samples = StepSamples.build([{"id": f"q{g}"} for g in range(len(sizes))], sizes, batch)
+    samples.add_scores(scored)
+    adv, stats = step_advantages(cfg, samples)
+    assert [s.advantage for s in samples.samples] == adv.tolist()
+    return adv, stats
 
 
 def _random_step(sizes, seed):

@@ -79,6 +79,7 @@ def _step_run(cfg, finish, rewards):
     from rl.contracts import RolloutBatch
     from rl.scoring.score import ScoredBatch
     from rewards.isolation import RewardResult
+    from rl.steps.base import Draw
     from rl.steps.policy import PolicyGradientStep
 
     def generate(prompts, params, seed):
@@ -89,12 +90,12 @@ def _step_run(cfg, finish, rewards):
 
     learner = _Learner()
     run = SimpleNamespace(cfg=cfg, learner=learner, sync=lambda: None, updated=lambda s: None, generate=generate,
-                          score=lambda rows, batch, g: ScoredBatch(list(rewards), [0.0] * len(rewards),
-                                                                   RewardResult({"r": list(rewards)})),
+                          score=lambda rows, batch, sizes: ScoredBatch(list(rewards), [0.0] * len(rewards),
+                                                                       RewardResult({"r": list(rewards)})),
                           metrics=SimpleNamespace(log_event=lambda *a: None))
     step = PolicyGradientStep(cfg)
     step.start(run)
-    row = step.run(run, 1, [{"prompt": "p", "id": f"q{g}"} for g in range(len(rewards) // 4)])
+    row = step.run(run, 1, Draw([{"prompt": "p", "id": f"q{g}"} for g in range(len(rewards) // 4)], {}))
     step.finish(run)
     return row, learner.calls
 

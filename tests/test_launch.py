@@ -353,6 +353,7 @@ def test_eval_records_are_scored_through_rl_scoring(tmp_path):
             self.worker = worker
 
         def score(self, prompts, completions, columns, group_size):
+            self.sizes = group_size
             return RewardResult(**self.worker.score(prompts, completions, columns))
 
     rollouts = Rollouts(RolloutWorker(save_answer_model(tmp_path / "model"), num_threads=1))
@@ -366,6 +367,7 @@ def test_eval_records_are_scored_through_rl_scoring(tmp_path):
     finally:
         rewards.worker.rewards.close()
     assert rollouts.weights == ["W"] and fails == {"verifier_failures": 0, "verifier_timeouts": 0}
+    assert rewards.sizes == [4, 4, 4]  # one group size per problem
     out = tmp_path / "eval"
     (out / "samples").mkdir(parents=True)
     write_samples(out / "samples" / "mini.jsonl", records)

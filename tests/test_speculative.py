@@ -284,17 +284,21 @@ def test_step_metrics_report_what_drafting_paid():
     from rl.contracts import RolloutBatch
     from rl.scoring.score import ScoredBatch
     from rl.steps.base import rollout_metrics
+    from rl.steps.samples import StepSamples
+
+    def metrics(batch, scored):
+        samples = StepSamples.build([{"id": "q", "prompt": "p"}], [len(batch)], batch)
+        samples.add_scores(scored)
+        return rollout_metrics(samples)
 
     batch = RolloutBatch()
     batch.append([1], [5, 6, 7, 8], [], 0.0, "stop", "a", {"forwards": 2, "drafted": 6, "accepted": 3})
     batch.append([1], [5, 6], [], 0.0, "stop", "b", {"forwards": 2, "drafted": 2, "accepted": 0})
-    scored = ScoredBatch([1.0, 0.0], [1.0, 0.0], RewardResult({"r": [1.0, 0.0]}))
-    row = rollout_metrics(batch, scored)
+    row = metrics(batch, ScoredBatch([1.0, 0.0], [1.0, 0.0], RewardResult({"r": [1.0, 0.0]})))
     assert row["spec_acceptance_rate"] == 3 / 8 and row["spec_tokens_per_forward"] == 6 / 4
     plain = RolloutBatch()
     plain.append([1], [5], [], 0.0, "stop", "c")
-    assert not any(k.startswith("spec_") for k in rollout_metrics(plain, ScoredBatch([1.0], [1.0],
-                                                                                      RewardResult({"r": [1.0]}))))
+    assert not any(k.startswith("spec_") for k in metrics(plain, ScoredBatch([1.0], [1.0], RewardResult({"r": [1.0]}))))
 
 
 def test_online_distillation_raises_the_draft_models_acceptance(policy):

@@ -15,20 +15,14 @@ class ScoredBatch:
     result: RewardResult  # per-function scores, failure and timeout counts, first error messages
 
 
-def group_sizes(rows: list[dict], group_size: int | list[int]) -> list[int]:
-    """Samples per row: one size for every row, or each row's own (Rollout-GDRO's variable groups)."""
-    return [group_size] * len(rows) if isinstance(group_size, int) else [int(n) for n in group_size]
-
-
-def reward_columns(rows: list[dict], batch: RolloutBatch, group_size: int | list[int], answer_key: str = "answer") \
+def reward_columns(rows: list[dict], batch: RolloutBatch, sizes: list[int], answer_key: str = "answer") \
         -> dict[str, list]:
     """Dataset columns repeated per sample (TRL's reward contract), plus the sampled token ids and counts.
 
     The answer arrives as `answer` and also under the dataset's own column name, so a reward written for TRL
-    against that dataset finds the column it expects. group_size: samples per row, or a list of each row's.
+    against that dataset finds the column it expects. sizes[g]: the samples of rows[g] (contiguous, in row order).
     """
     skip = {"prompt", "problem"}
-    sizes = group_sizes(rows, group_size)
     columns = {k: [r[k] for r, n in zip(rows, sizes) for _ in range(n)] for k in rows[0] if k not in skip}
     columns.setdefault(answer_key, columns["answer"])
     columns["completion_ids"] = batch.response_ids
@@ -38,23 +32,26 @@ def reward_columns(rows: list[dict], batch: RolloutBatch, group_size: int | list
     return columns
 
 
-def score_batch(rewards, rows: list[dict], prompts: list[str], batch: RolloutBatch, group_size: int | list[int],
+def score_batch(rewards, rows: list[dict], prompts: list[str], batch: RolloutBatch, sizes: list[int],
                 weights: dict[str, float], accuracy: str, answer_key: str = "answer") -> ScoredBatch:
-    """Score `batch` (group_size samples per row, contiguous; or a list of each row's sample count) on the reward
-    workers (`rewards`: a RewardGroup).
+    """Score `batch` (sizes[g] samples of rows[g], contiguous, in row order; one size per row even when they are
+    all equal) on the reward workers (`rewards`: a RewardGroup, which keeps every group on one worker).
 
     weights: reward function -> weight of its term in the total; accuracy: the function whose verdict (> 0.5)
     counts as correct.
     """
-    expanded = [p for p, n in zip(prompts, group_sizes(rows, group_size)) for _ in range(n)]
-    result = rewards.score(expanded, batch.text, reward_columns(rows, batch, group_size, answer_key), group_size)
+    sizes = [int(n) for n in sizes]
+    if len(sizes) != len(rows):
+        raise ValueError(f"{len(sizes)} group sizes for {len(rows)} rows")
+    expanded = [p for p, n in zip(prompts, sizes) for _ in range(n)]
+    result = rewards.score(expanded, batch.text, reward_columns(rows, batch, sizes, answer_key), sizes)
     correct = [float(s > 0.5) for s in result.scores[accuracy]]
     return ScoredBatch(weighted_total(result, weights), correct, result)
 
 
-def score_configured(rewards, cfg, rows: list[dict], batch: RolloutBatch, group_size: int | list[int]) -> ScoredBatch:
+def score_configured(rewards, cfg, rows: list[dict], batch: RolloutBatch, sizes: list[int]) -> ScoredBatch:
     """`score_batch` with a run config's reward weights, accuracy function and answer column (prompts: the rows'
     rendered `prompt`)."""
     r = cfg.reward
-    return score_batch(rewards, rows, [row["prompt"] for row in rows], batch, group_size,
+    return score_batch(rewards, rows, [row["prompt"] for row in rows], batch, sizes,
                        {f.fn: f.weight for f in r.functions}, r.accuracy, cfg.data.answer_key)

@@ -9,7 +9,7 @@ from typing import Callable
 
 from rl.config.schema import Config, ConfigError
 from rl.steps.adaptive import policy_step
-from rl.steps.base import Run, Step
+from rl.steps.base import Draw, Run, Step
 from rl.steps.preference import preference_step
 from rl.steps.sft import SftStep
 
@@ -30,4 +30,4 @@ def make_step(cfg: Config) -> Step:
                           f"(known: {', '.join(sorted(STEPS))})") from None
 
 
-__all__ = ["STEPS", "Run", "Step", "make_step"]
+__all__ = ["STEPS", "Draw", "Run", "Step", "make_step"]

@@ -4,6 +4,10 @@ The two differ only in their advantage estimator (rl/algo/advantages.py, a regis
 weighted total reward within each group (Shao et al. 2024, DeepSeekMath); FGO splits each group by correctness and
 reweights inside each subgroup by length and entropy, so all-correct and all-wrong groups still teach
 (docs/algorithms.md, "FGO").
+
+The rollout becomes one record per sample right after generation (rl/steps/samples.py); scoring, the advantage
+estimator and the filters (rl/steps/filters.py) write into those records, and the learner's sequences are read off
+the ones still kept (docs/architecture.md, "One GRPO step").
 """
 from __future__ import annotations
 
@@ -12,20 +16,24 @@ import time
 import torch
 
 from rl.algo.advantages import ADVANTAGES, Samples, compute_advantages, estimator_name
-from rl.algo.groups import group_index
 from rl.config.base import ConfigError
-from rl.contracts import RolloutBatch, TrainSequence
+from rl.contracts import TrainSequence
+from rl.steps.base import Draw, Run, Step, log_rollout_events, rollout_metrics, score_samples
+from rl.steps.filters import drop_truncated
 from rl.steps.pipeline import RolloutPipeline
-from rl.scoring.score import ScoredBatch
-from rl.steps.base import Run, Step, log_rollout_events, rollout_metrics
+from rl.steps.samples import StepSamples
 
 
-def advantages(cfg, scored: ScoredBatch, batch: RolloutBatch, sizes: list[int]) -> tuple[torch.Tensor, dict]:
-    """Per-sample advantages of the configured estimator (rl/algo/advantages.py) over groups of the given sizes
-    (contiguous, in order), plus its diagnostics and `zero_adv_groups` for the step's metrics."""
-    samples = Samples.build(group_index(sizes), scored.total, scored.correct, batch.response_ids, batch.logprobs,
-                            batch.entropy_sum)
-    return compute_advantages(samples, cfg.algorithm)
+def advantages(cfg, samples: StepSamples) -> tuple[torch.Tensor, dict]:
+    """The configured estimator (rl/algo/advantages.py) over the samples' groups: writes each record's advantage,
+    and returns them as a tensor too, with the estimator's diagnostics and `zero_adv_groups` for the metrics."""
+    recs = samples.samples
+    view = Samples.build(samples.group_index(), samples.totals(), samples.verdicts(), [s.response_ids for s in recs],
+                         [s.logprobs for s in recs], [s.entropy_sum for s in recs])
+    adv, stats = compute_advantages(view, cfg.algorithm)
+    for s, a in zip(recs, adv.tolist(), strict=True):
+        s.advantage = a
+    return adv, stats
 
 
 # The learner statistics of a step that trained on nothing (rl.learner.updates.policy_update's keys).
@@ -45,38 +53,42 @@ class PolicyGradientStep(Step):
         self.pipeline = RolloutPipeline(run, self.per_step)
         return {}
 
-    def draw(self, run: Run, step: int) -> tuple[list, dict]:
-        return self.pipeline.prompts(step)  # with max_staleness 1 they may have been drawn a step ahead
+    def draw(self, run: Run, step: int) -> Draw:
+        return Draw(*self.pipeline.prompts(step))  # with max_staleness 1 they may have been drawn a step ahead
 
-    def run(self, run: Run, step: int, rows: list[dict]) -> dict:
-        cfg, G = self.cfg, self.cfg.rollout.group_size
+    def run(self, run: Run, step: int, draw: Draw) -> dict:
+        rows, G = draw.items, self.cfg.rollout.group_size
         t0 = time.perf_counter()
         batch, staleness = self.pipeline.rollout(step, rows)
         self.pipeline.start_next(step + 1)  # max_staleness 1: the next rollout runs while this step trains
         t1 = time.perf_counter()
-        scored = run.score(rows, batch, G)
-        adv, algo_stats = advantages(cfg, scored, batch, [G] * len(rows))
+        samples = StepSamples.build(rows, [G] * len(rows), batch)
+        score_samples(run, samples, batch)
         t2 = time.perf_counter()
-        return self.update(run, step, rows, batch, scored, adv, algo_stats, staleness,
-                           time_generate=t1 - t0, time_reward=t2 - t1)
+        return self.train_on(run, step, samples, staleness, time_generate=t1 - t0, time_reward=t2 - t1)
 
-    def update(self, run: Run, step: int, rows: list[dict], batch: RolloutBatch, scored: ScoredBatch,
-               advantages: torch.Tensor, algo_stats: dict, staleness: int = 0, train: bool = True,
-               **times: float) -> dict:
-        """Train on one scored rollout batch, bring the rollout workers to the new weights, and return the step's
-        metrics row (`algo_stats` and `times` go into it as they are). Shared with rl/steps/adaptive.py, whose
-        `train=False` (no group varied) logs the batch without an update."""
+    def sample_filters(self, samples: StepSamples) -> dict:
+        """The filters that run after advantages (rl/steps/filters.py): what they drop stays in its group's
+        baseline and the metrics, and leaves only the loss. Returns their entries for the metrics row."""
+        stats: dict = {}
+        if self.cfg.algorithm.overlong_filter:
+            stats.update(drop_truncated(samples))
+        return stats
+
+    def train_on(self, run: Run, step: int, samples: StepSamples, staleness: int = 0, **times: float) -> dict:
+        """Advantages, the sample filters and one update on a step's scored samples, then bring the rollout workers
+        to the new weights; returns the step's metrics row (`times` go into it as they are). Shared with
+        rl/steps/adaptive.py, whose group filter may have dropped groups already."""
         cfg = self.cfg
         t2 = time.perf_counter()
-        keep = range(len(batch))
-        if cfg.algorithm.overlong_filter:
-            # DAPO's overlong filtering (Yu et al. 2025, section 3.4): a truncated response is not known to be
-            # wrong, only unfinished, so its reward is noise; it leaves the loss and its denominators entirely
-            # (its reward still entered its group's baseline above).
-            keep = [i for i, why in enumerate(batch.finish_reason) if why != "length"]
-            algo_stats["overlong_filtered"] = len(batch) - len(keep)
-        sequences = [TrainSequence(batch.prompt_ids[i], batch.response_ids[i], batch.logprobs[i],
-                                   float(advantages[i])) for i in keep] if train else []
+        # A group filter's dropped groups leave the step: baseline, metrics and loss. When it dropped every group,
+        # the metrics describe them all and nothing is trained (every keep is already False).
+        kept = samples.kept_groups()
+        trained = samples.take(kept) if kept and len(kept) < len(samples.rows) else samples
+        _, algo_stats = advantages(cfg, trained)
+        algo_stats.update(self.sample_filters(trained))
+        sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.logprobs, s.advantage)
+                     for s in trained.samples if s.keep]
         if sequences:
             # A stale rollout came from older weights: the ratio to its own log-probs is the importance weight.
             stats = run.learner.train(sequences, cfg.algorithm.mini_batches, cfg.rollout.max_new_tokens,
@@ -90,8 +102,8 @@ class PolicyGradientStep(Step):
         run.sync()
         t4 = time.perf_counter()
 
-        log_rollout_events(run, step, rows, batch, scored)
-        row = {"loss": stats["loss"], **rollout_metrics(batch, scored),
+        log_rollout_events(run, step, trained)
+        row = {"loss": stats["loss"], **rollout_metrics(trained),
                "kl": stats["kl_sum"] / max(1.0, stats["tokens"]),
                "clip_fraction": stats["clipped_tokens"] / max(1.0, stats["tokens"]),
                "grad_norm": stats["grad_norm"], "lr": stats["lr"], **algo_stats}

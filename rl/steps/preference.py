@@ -11,7 +11,8 @@ from rl.config.schema import ConfigError
 from rl.contracts import PreferencePair
 from rl.steps.pipeline import RolloutPipeline
 from rl.data.preference import load_pairs, preference_metrics, rollout_pairs, trainable
-from rl.steps.base import Run, Step, log_rollout_events, rollout_metrics
+from rl.steps.base import Draw, Run, Step, log_rollout_events, rollout_metrics, score_samples
+from rl.steps.samples import StepSamples
 from rl.seeds import PAIRS_KEY, numpy_rng
 
 PREFERENCE_PLOTS = ("loss", "margin", "train_tobt_acc")
@@ -92,9 +93,9 @@ class OfflinePreferenceStep(PreferenceStep):
     def describe(self) -> str:
         return f"{self.per_step} preference pairs of algorithm.todo.train_data"
 
-    def run(self, run: Run, step: int, pairs: list) -> dict:
+    def run(self, run: Run, step: int, draw: Draw) -> dict:
         t0 = time.perf_counter()
-        row = run.learner.train_preference(pairs)
+        row = run.learner.train_preference(draw.items)
         run.updated(step)
         row.update(epoch=run.sampler.epoch, time_train=time.perf_counter() - t0)
         self._maybe_evaluate(run, step, row)
@@ -109,14 +110,15 @@ class OnlinePreferenceStep(PreferenceStep):
         self.pipeline = RolloutPipeline(run, self.per_step)
         return super().start(run)
 
-    def run(self, run: Run, step: int, rows: list[dict]) -> dict:
-        cfg, G, t = self.cfg, self.cfg.rollout.group_size, self.cfg.algorithm.todo
+    def run(self, run: Run, step: int, draw: Draw) -> dict:
+        rows, cfg, G, t = draw.items, self.cfg, self.cfg.rollout.group_size, self.cfg.algorithm.todo
         t0 = time.perf_counter()
         batch, _ = self.pipeline.rollout(step, rows)  # always on-policy (max_staleness is grpo/fgo only)
         t1 = time.perf_counter()
-        scored = run.score(rows, batch, G)
+        samples = StepSamples.build(rows, [G] * len(rows), batch)
+        score_samples(run, samples, batch)
         rng = numpy_rng(cfg.trainer.seed, step, PAIRS_KEY)
-        pairs, counts = rollout_pairs(batch, scored.correct, G, t, uses_ties(cfg), rng)
+        pairs, counts = rollout_pairs(batch, samples.verdicts(), G, t, uses_ties(cfg), rng)
         t2 = time.perf_counter()
         row: dict = {}
         if pairs:  # a step whose groups give no pair (e.g. all wrong, lengths far apart) changes nothing
@@ -125,8 +127,8 @@ class OnlinePreferenceStep(PreferenceStep):
         t3 = time.perf_counter()
         run.sync()
         t4 = time.perf_counter()
-        log_rollout_events(run, step, rows, batch, scored)
-        row.update(rollout_metrics(batch, scored), **counts, pairs_total=len(pairs), time_generate=t1 - t0,
+        log_rollout_events(run, step, samples)
+        row.update(rollout_metrics(samples), **counts, pairs_total=len(pairs), time_generate=t1 - t0,
                    time_reward=t2 - t1, time_train=t3 - t2, time_sync=t4 - t3)
         self._maybe_evaluate(run, step, row)
         return row

@@ -13,7 +13,7 @@ from rl.config.schema import ConfigError
 from rl.contracts import SftExample
 from rl.data.loading import DataError, load_dataset
 from rl.data.sft import load_examples
-from rl.steps.base import Run, Step
+from rl.steps.base import Draw, Run, Step
 from rl.learner.updates import plan_sft, reduce_sft, reduce_sft_loss
 
 log = logging.getLogger("reasonrl")
@@ -95,13 +95,14 @@ class SftStep(Step):
               flush=True)
         return result["eval_loss"]
 
-    def run(self, run: Run, step: int, examples: list) -> dict:
+    def run(self, run: Run, step: int, draw: Draw) -> dict:
+        examples = draw.items
         t0 = time.perf_counter()
         stats = run.learner.update("sft", examples, plan_sft, reduce_sft)
         run.updated(step)
         # Which examples each step trained on: a resumed run must neither replay nor skip any (tested).
         run.metrics.log_event("examples", {"step": step, "ids": [e.id for e in examples]})
-        order = run.sampler.state_dict()  # right after this step's draw
+        order = draw.sampler_state  # right after this step's draw
         row = {"loss": stats["loss"], "tokens": stats["tokens"], "examples": stats["examples"],
                "grad_norm": stats["grad_norm"], "lr": stats["lr"],
                "epoch": order["epoch"] + order["position"] / order["num_rows"],  # passes over data.train
