@@ -78,9 +78,10 @@ class StandInRun:
     def _train(self, sequences, mini_batches, max_len, on_policy=True):
         self.trained.append([[s.prompt_ids, s.response_ids, s.old_logprobs, s.advantage] for s in sequences])
         n = float(sum(len(s.response_ids) for s in sequences))
-        return {"loss": 0.25 * len(sequences), "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": n, "tokens": n,
-                "grad_norm": 1.0, "lr": 1e-4, "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0,
-                "logprob_diff_tokens": 1.0, "logprob_nonfinite": 0.0, "tis_weight_sum": 0.0}
+        from rl.steps.policy import NO_UPDATE  # every key the learner returns; the numbers below differ
+
+        return {**NO_UPDATE, "loss": 0.25 * len(sequences), "ratio_sum": n, "tokens": n, "grad_norm": 1.0,
+                "lr": 1e-4, "logprob_diff_tokens": 1.0}
 
     def _train_preference(self, pairs):
         self.trained.append([[p.prompt_ids, p.chosen_ids, p.rejected_ids, p.tie, p.kind, p.index] for p in pairs])

@@ -12,6 +12,7 @@ from rl.contracts import RolloutBatch
 from rl.data.loading import PromptSampler
 from rl.scoring.score import ScoredBatch
 from rl.steps import make_step
+from rl.steps.policy import NO_UPDATE
 from rl.steps.adaptive import AdaptivePolicyStep
 from rl.steps.policy import PolicyGradientStep
 
@@ -28,10 +29,8 @@ class FakeRun:
 
     def _train(self, sequences, mini_batches, max_len, on_policy=True):
         self.trained.append([s.advantage for s in sequences])
-        return {"loss": 0.5, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": float(len(sequences)),
-                "tokens": float(len(sequences)), "grad_norm": 1.0, "lr": 1e-4, "logprob_diff_sum": 0.0,
-                "logprob_diff_max": 0.0, "logprob_diff_tokens": 1.0, "logprob_nonfinite": 0.0,
-                "tis_weight_sum": 0.0}
+        return {**NO_UPDATE, "loss": 0.5, "ratio_sum": float(len(sequences)), "tokens": float(len(sequences)),
+                "grad_norm": 1.0, "lr": 1e-4, "logprob_diff_tokens": 1.0}
 
     def sync(self):
         pass

@@ -67,10 +67,10 @@ class _Learner:
 
     def train(self, sequences, mini_batches, max_len, on_policy=True):
         self.calls.append(sequences)
-        return {"loss": 1.0, "clipped_tokens": 0.0, "kl_sum": 0.0, "ratio_sum": float(len(sequences)),
-                "tokens": float(len(sequences)), "grad_norm": 1.0, "lr": 1e-4, "logprob_diff_sum": 0.0,
-                "logprob_diff_max": 0.0, "logprob_diff_tokens": 1.0, "logprob_nonfinite": 0.0,
-                "tis_weight_sum": 0.0}
+        from rl.steps.policy import NO_UPDATE
+
+        return {**NO_UPDATE, "loss": 1.0, "ratio_sum": float(len(sequences)), "tokens": float(len(sequences)),
+                "grad_norm": 1.0, "lr": 1e-4, "logprob_diff_tokens": 1.0}
 
 
 def _step_run(cfg, finish, rewards):
